@@ -1,0 +1,1 @@
+"""The fdcore inference engine: API server, batcher, paged KV cache, model runners."""
