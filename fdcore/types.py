@@ -117,7 +117,9 @@ class PolicyContext:
 
     instances: InstanceView
     role: Role
-    metrics: Any = None  # fdcore.router.metrics.RouterMetrics; Any keeps plugins free of it
+    # The app's own prometheus_client CollectorRegistry: policies add their metrics here so
+    # they appear on the router's /metrics (one registry per app keeps tests isolated).
+    prometheus: Any = None
 
 
 @runtime_checkable
