@@ -18,6 +18,7 @@ _REQUIRED: dict[Family, tuple[str, ...]] = {
     "policy": ("start", "stop", "select", "release", "forget"),
     "scheduler": (
         "start", "stop", "put_requests", "get_requests", "put_results", "get_results", "abort",
+        "get_unhandled_request_num",
     ),
     "transport": ("start", "stop", "send_blocks"),
     "health_check": ("start", "stop", "check"),

@@ -221,6 +221,10 @@ class RequestOutput:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # Text of ``token_ids`` (detokenized by the engine that ran the request, stop strings trimmed).
+    text: str = ""
+    # HTTP status for ``error`` (e.g. 503 for a request that expired in a queue).
+    error_code: int = 0
 
 
 @runtime_checkable
@@ -253,8 +257,17 @@ class Scheduler(Protocol):
         reserved_output_blocks: int,
         max_num_batched_tokens: int,
         batch: int = 1,
+        timeout: float = 0.0,
     ) -> list[EngineRequest]:
-        """Hand the engine as much queued work as fits in ``available_blocks``."""
+        """Hand the engine as much queued work as fits in ``available_blocks``.
+
+        When nothing is queued, wait up to ``timeout`` seconds for work to arrive (the engine
+        passes 0 while it has sequences running and a short wait when idle).
+        """
+        ...
+
+    async def get_unhandled_request_num(self) -> int:
+        """Number of this instance's requests still queued (not yet taken by an engine)."""
         ...
 
     async def put_results(self, results: Sequence[RequestOutput]) -> None:

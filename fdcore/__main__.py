@@ -1,0 +1,7 @@
+"""``python -m fdcore`` is the ``fdcore`` command."""
+
+import sys
+
+from fdcore.cli import main
+
+sys.exit(main())

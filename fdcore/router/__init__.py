@@ -1,0 +1,1 @@
+"""The fdcore router: instance registry, health manager, selection, streaming proxy, metrics."""

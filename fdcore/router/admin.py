@@ -1,0 +1,203 @@
+"""Non-inference endpoints: registration, registry views, health, models, abort, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+from fdcore.router.errors import ClientError, error_response, json_response
+from fdcore.router.payload import PayloadError, describe, parse_instance
+from fdcore.router.proxy import models_union, read_body
+from fdcore.router.state import RouterState
+from fdcore.types import Instance, Role
+
+log = structlog.get_logger("fdcore.router")
+_ADMIN_BODY_LIMIT = 1024 * 1024
+
+
+async def _json_body(request: Request) -> Any:
+    body = await read_body(request, _ADMIN_BODY_LIMIT)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ClientError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _register_error(status: int, message: str) -> Response:
+    # FastDeploy's shape ({code, msg}) for engines, plus OpenAI's error object.
+    return json_response(
+        {"code": status, "msg": message,
+         "error": {"message": message, "type": "invalid_request_error", "code": status}},
+        status,
+    )
+
+
+async def register(request: Request) -> Response:
+    """``POST /register``: add an instance, or refresh it (a heartbeat) if already known."""
+    state: RouterState = request.app.state.fdcore
+    try:
+        instance = parse_instance(await _json_body(request), time.time())
+    except ClientError as exc:
+        return _register_error(exc.status, exc.message)
+    except PayloadError as exc:
+        return _register_error(400, f"invalid InstanceInfo: {exc}")
+    if state.config.server.splitwise and instance.role is Role.MIXED:
+        return _register_error(400, "splitwise mode only supports PREFILL/DECODE instances")
+    if not state.config.server.splitwise and instance.role is not Role.MIXED:
+        return _register_error(400, "only MIXED instances are allowed (start the router with "
+                                    "--splitwise for prefill/decode)")
+    known = state.instances.get(instance.url)
+    if known is None:
+        ok, detail = await state.health.probe(instance)
+        if not ok:
+            return _register_error(503, f"service is not healthy: {instance.url}: {detail}")
+    _, is_new = state.instances.upsert(instance, healthy=True)
+    if is_new:
+        log.info("instance registered", instance=instance.url, role=instance.role.value)
+    return json_response({"code": 200, "msg": "Register success"})
+
+
+async def registered(request: Request) -> Response:
+    """``GET /registered``: every instance by role, FastDeploy's shape plus health and load."""
+    state: RouterState = request.app.state.fdcore
+    result: dict[str, Any] = {"code": 200, "msg": "success"}
+    for role in (Role.PREFILL, Role.DECODE, Role.MIXED):
+        result[role.value] = [describe(i) for i in state.instances.instances(role)]
+    return json_response(result)
+
+
+async def registered_number(request: Request) -> Response:
+    """``GET /registered_number``: how many instances of each role."""
+    state: RouterState = request.app.state.fdcore
+    return json_response(state.instances.counts())
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: the router's own state (it is up and serving)."""
+    state: RouterState = request.app.state.fdcore
+    healthy = sum(1 for i in state.instances.instances() if i.healthy)
+    return json_response({"status": "ok", "instances": len(state.instances),
+                          "healthy_instances": healthy})
+
+
+async def health_generate(request: Request) -> Response:
+    """``GET /health_generate``: check every instance now; 200 only if the router can serve."""
+    state: RouterState = request.app.state.fdcore
+    await state.health.check_all()
+    rows = [
+        {"url": i.url, "role": i.role.value, "healthy": i.healthy,
+         "detail": state.health.detail(i)}
+        for i in state.instances.instances()
+    ]
+    needed = (Role.PREFILL, Role.DECODE) if state.config.server.splitwise else (Role.MIXED,)
+    missing = [r.value for r in needed if not state.instances.healthy(r)]
+    ok = not missing
+    message = "Health check complete" if ok else f"no healthy {' or '.join(missing)} instance"
+    return json_response(
+        {"code": 200 if ok else 503, "msg": message, "instances": rows}, 200 if ok else 503
+    )
+
+
+async def _fan_out(
+    state: RouterState, method: str, path: str, targets: list[Instance], body: Any = None
+) -> list[tuple[Instance, int, Any]]:
+    session = state.proxy.session
+    assert session is not None
+    timeout = aiohttp.ClientTimeout(total=state.config.manager.health_check_timeout_secs)
+
+    async def one(instance: Instance) -> tuple[Instance, int, Any]:
+        try:
+            async with session.request(method, instance.url + path, json=body,
+                                       timeout=timeout) as resp:
+                raw = await resp.read()
+                try:
+                    return instance, resp.status, orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    return instance, resp.status, raw.decode(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return instance, 0, f"{type(exc).__name__}: {exc}"
+
+    return list(await asyncio.gather(*(one(i) for i in targets)))
+
+
+async def models(request: Request) -> Response:
+    """``GET /v1/models``: the union of the healthy instances' models."""
+    state: RouterState = request.app.state.fdcore
+    targets = [i for i in state.instances.instances() if i.healthy]
+    answers = await _fan_out(state, "GET", "/v1/models", targets)
+    return json_response(models_union([body for _, status, body in answers if status == 200]))
+
+
+async def abort_requests(request: Request) -> Response:
+    """``POST /v1/abort_requests``: ``req_ids`` or ``abort_all``, fanned out to the instances.
+
+    Requests the router is proxying go straight to their instance; others go to every healthy
+    instance. The answer says what each instance aborted.
+    """
+    state: RouterState = request.app.state.fdcore
+    try:
+        payload = await _json_body(request)
+    except ClientError as exc:
+        return error_response(exc.status, exc.message, exc.type)
+    if not isinstance(payload, dict):
+        return error_response(400, "request body must be a JSON object")
+    abort_all = payload.get("abort_all", False)
+    req_ids = payload.get("req_ids")
+    if not isinstance(abort_all, bool):
+        return error_response(400, "abort_all: must be a boolean", param="abort_all")
+    if not abort_all and (
+        not isinstance(req_ids, list) or not req_ids
+        or not all(isinstance(r, str) for r in req_ids)
+    ):
+        return error_response(400, "give req_ids (a non-empty list of strings) or abort_all: true",
+                              param="req_ids")
+    healthy = [i for i in state.instances.instances() if i.healthy]
+    calls: list[tuple[list[Instance], dict[str, Any]]] = []
+    if abort_all:
+        calls.append((healthy, {"abort_all": True}))
+    else:
+        by_instance: dict[str, list[str]] = {}
+        unknown: list[str] = []
+        for rid in req_ids:
+            lease = state.selector.inflight.get(rid)
+            if lease is None:
+                unknown.append(rid)
+            else:
+                by_instance.setdefault(lease.instance.url, []).append(rid)
+        for url, ids in by_instance.items():
+            instance = state.instances.get(url)
+            if instance is not None:
+                calls.append(([instance], {"req_ids": ids}))
+        if unknown:
+            calls.append((healthy, {"req_ids": unknown}))
+    results = await asyncio.gather(
+        *(_fan_out(state, "POST", "/v1/abort_requests", targets, body) for targets, body in calls)
+    )
+    aborted: list[Any] = []
+    per_instance: dict[str, Any] = {}
+    for answers in results:
+        for instance, status, body in answers:
+            per_instance[instance.url] = {"status": status, "response": body}
+            if status == 200 and isinstance(body, dict) and isinstance(body.get("aborted"), list):
+                aborted.extend(
+                    {**item, "instance": instance.url} if isinstance(item, dict)
+                    else {"request_id": item, "instance": instance.url}
+                    for item in body["aborted"]
+                )
+    found = {a.get("request_id") for a in aborted}
+    not_found = [] if abort_all else [r for r in req_ids if r not in found]
+    return json_response({"aborted": aborted, "not_found": not_found, "instances": per_instance})
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text."""
+    state: RouterState = request.app.state.fdcore
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,114 @@
+"""The health manager: periodic checks through the health-check plugin, thresholds across rounds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import structlog
+
+from fdcore.config import ManagerConfig
+from fdcore.router.instances import InstanceRegistry
+from fdcore.types import HealthCheck, Instance
+
+log = structlog.get_logger("fdcore.health")
+
+
+@dataclass(slots=True)
+class Streak:
+    """Consecutive results for one instance, carried from round to round."""
+
+    successes: int = 0
+    failures: int = 0
+    detail: str = "not checked yet"
+
+
+class HealthManager:
+    """Checks every instance each interval and flips its health after enough rounds in a row.
+
+    An instance turns unhealthy after ``health-failure-threshold`` consecutive failed rounds and
+    healthy again after ``health-success-threshold`` consecutive good ones; unhealthy instances
+    stay registered (out of selection) so they come back on their own.
+    """
+
+    def __init__(
+        self, registry: InstanceRegistry, check: HealthCheck, config: ManagerConfig
+    ) -> None:
+        self.registry = registry
+        self.check = check
+        self.config = config
+        self.streaks: dict[str, Streak] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.rounds = 0
+        self._round_done = asyncio.Condition()
+        registry.on_remove(lambda instance: self.streaks.pop(instance.url, None))
+
+    async def start(self) -> None:
+        """Start the check loop (the first round runs at once)."""
+        await self.check.start()
+        self._task = asyncio.create_task(self._loop(), name="fdcore-health")
+
+    async def stop(self) -> None:
+        """Stop the loop and the check plugin."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.check.stop()
+
+    async def probe(self, instance: Instance) -> tuple[bool, str]:
+        """One check of one instance, outside the rounds (used when an instance registers)."""
+        try:
+            return await self.check.check(instance)
+        except Exception as exc:  # a plugin bug must not take the router down
+            return False, f"health check raised {type(exc).__name__}: {exc}"
+
+    async def check_all(self) -> None:
+        """Run one round over every registered instance and apply the thresholds."""
+        instances = list(self.registry.instances())
+        results = await asyncio.gather(*(self.probe(i) for i in instances))
+        for instance, (ok, detail) in zip(instances, results, strict=True):
+            self.record(instance, ok, detail)
+        async with self._round_done:
+            self.rounds += 1
+            self._round_done.notify_all()
+
+    async def wait_rounds(self, count: int = 1) -> None:
+        """Wait until ``count`` more rounds have completed."""
+        async with self._round_done:
+            target = self.rounds + count
+            await self._round_done.wait_for(lambda: self.rounds >= target)
+
+    def record(self, instance: Instance, ok: bool, detail: str) -> None:
+        """Count one result and flip the instance's health when a threshold is reached."""
+        streak = self.streaks.setdefault(instance.url, Streak())
+        streak.detail = detail
+        if ok:
+            streak.successes += 1
+            streak.failures = 0
+            if not instance.healthy and streak.successes >= self.config.health_success_threshold:
+                self.registry.set_healthy(instance, True)
+                log.info("instance healthy", instance=instance.url, role=instance.role.value)
+        else:
+            streak.failures += 1
+            streak.successes = 0
+            if instance.healthy and streak.failures >= self.config.health_failure_threshold:
+                self.registry.set_healthy(instance, False)
+                log.warning(
+                    "instance unhealthy", instance=instance.url, role=instance.role.value,
+                    detail=detail, failures=streak.failures,
+                )
+
+    def detail(self, instance: Instance) -> str:
+        """The last check's detail for an instance."""
+        streak = self.streaks.get(instance.url)
+        return streak.detail if streak else "not checked yet"
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("health round failed")
+            await asyncio.sleep(self.config.health_check_interval_secs)

@@ -1,0 +1,96 @@
+"""The router's Prometheus metrics, in a registry owned by one app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fdcore.router.instances import InstanceRegistry
+
+# The *_created series double the output and nobody dashboards them.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)
+
+
+class _InstanceCollector(Collector):
+    """Reads in-flight counters and health straight from the registry at scrape time, so the
+    request path pays nothing for these gauges."""
+
+    def __init__(self, instances: InstanceRegistry) -> None:
+        self._instances = instances
+
+    def collect(self) -> Iterator[Metric]:
+        inflight = GaugeMetricFamily(
+            "fdcore_router_inflight_requests", "Requests in flight per instance",
+            labels=["instance", "role"],
+        )
+        tokens = GaugeMetricFamily(
+            "fdcore_router_inflight_tokens", "Prompt tokens (estimated) in flight per instance",
+            labels=["instance", "role"],
+        )
+        healthy = GaugeMetricFamily(
+            "fdcore_router_instance_healthy", "1 if the instance is in selection, else 0",
+            labels=["instance", "role"],
+        )
+        for instance in self._instances.instances():
+            labels = [instance.url, instance.role.value]
+            inflight.add_metric(labels, instance.load.requests)
+            tokens.add_metric(labels, instance.load.tokens)
+            healthy.add_metric(labels, 1.0 if instance.healthy else 0.0)
+        yield inflight
+        yield tokens
+        yield healthy
+
+
+class RouterMetrics:
+    """Counters and histograms the proxy updates, plus scrape-time instance gauges.
+
+    FastDeploy's ``inference_requests_total`` and ``http_requests_total`` are kept under their
+    names so existing dashboards work.
+    """
+
+    def __init__(self, instances: InstanceRegistry) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "fdcore_router_requests", "Requests by endpoint and status",
+            ["endpoint", "status"], registry=reg,
+        )
+        self.http_requests = Counter(
+            "http_requests", "HTTP requests (FastDeploy name)",
+            ["method", "endpoint", "status_code"], registry=reg,
+        )
+        self.inference_requests = Counter(
+            "inference_requests", "Proxied inference requests (FastDeploy name)",
+            ["mixed_worker", "prefill_worker", "decode_worker", "status_code"], registry=reg,
+        )
+        self.latency = Histogram(
+            "fdcore_router_request_duration_seconds", "End-to-end latency through the router",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=reg,
+        )
+        self.ttfb = Histogram(
+            "fdcore_router_time_to_first_byte_seconds",
+            "Time from receiving a request to the first byte of the instance's answer",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=reg,
+        )
+        self.selections = Counter(
+            "fdcore_router_selections", "Instances chosen, by policy and role",
+            ["policy", "role", "instance"], registry=reg,
+        )
+        self.retries = Counter(
+            "fdcore_router_retries", "Attempts moved to another instance after a connect failure",
+            ["instance"], registry=reg,
+        )
+        reg.register(_InstanceCollector(instances))
+
+    def count_request(self, endpoint: str, status: int, method: str = "POST") -> None:
+        """Count a finished request under fdcore's and FastDeploy's names."""
+        code = str(status)
+        self.requests.labels(endpoint, code).inc()
+        self.http_requests.labels(method, endpoint, code).inc()
