@@ -116,18 +116,23 @@ class Proxy:
             try:
                 response = await self._forward(request, endpoint, request_id, started)
             except ClientError as exc:
-                response = error_response(exc.status, exc.message, exc.type, exc.param)
+                response = error_response(exc.status, exc.message, exc.type, exc.param,
+                                          headers={"x-request-id": request_id} if request_id else None)
             except ClientGone:
                 response = Response(status_code=499)
             if not isinstance(response, StreamingResponse):
-                self._observe(endpoint, response.status_code, started)
+                self._observe(endpoint, response.status_code, started,
+                              response.headers.get("x-request-id", request_id))
             return response
 
         return endpoint_handler
 
-    def _observe(self, endpoint: str, status: int, started: float) -> None:
+    def _observe(self, endpoint: str, status: int, started: float, request_id: str = "") -> None:
+        elapsed = time.perf_counter() - started
         self.metrics.count_request(ENDPOINT_PATHS[endpoint], status)
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.metrics.latency.labels(endpoint).observe(elapsed)
+        log.debug("request done", request_id=request_id, endpoint=endpoint, status=status,
+                  seconds=round(elapsed, 6))
 
     async def _forward(
         self, request: Request, endpoint: str, request_id: str, started: float
@@ -185,6 +190,8 @@ class Proxy:
                 return error_response(502, f"instance {lease.instance.url} failed: {exc}",
                                       "bad_gateway", headers={"x-request-id": request_id})
             self.metrics.ttfb.labels(endpoint).observe(time.perf_counter() - started)
+            log.debug("forwarded", request_id=request_id, instance=lease.instance.url,
+                      status=upstream.status, stream=stream)
             self.metrics.inference_requests.labels(
                 lease.instance.url, "", "", str(upstream.status)
             ).inc()
@@ -259,7 +266,7 @@ class Proxy:
                     log.info("client disconnected mid-stream", request_id=lease.request.request_id,
                              instance=lease.instance.url)
             lease.release(outcome)
-            self._observe(endpoint, status, started)
+            self._observe(endpoint, status, started, lease.request.request_id)
 
 
 def _sse_error(status: int, message: str, type_: str) -> bytes:

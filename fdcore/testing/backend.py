@@ -63,7 +63,7 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     except orjson.JSONDecodeError:
         return web.json_response({"error": {"message": "bad json", "code": 400}}, status=400)
     rid = request.headers.get("x-request-id", "none")
-    state.requests[rid] = {"headers": dict(request.headers), "body": payload,
+    state.requests[rid] = {"headers": {k.lower(): v for k, v in request.headers.items()}, "body": payload,
                            "endpoint": endpoint}
     if request.headers.get("x-test-close"):
         assert request.transport is not None

@@ -71,6 +71,7 @@ class ServerProcess:
         self.ready_timeout = ready_timeout
         self.log = tempfile.NamedTemporaryFile(prefix="fdcore-proc-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._final_output: str | None = None
 
     def start(self) -> ServerProcess:
         """Spawn the process and wait for readiness."""
@@ -87,6 +88,8 @@ class ServerProcess:
 
     def output(self) -> str:
         """Everything the process printed so far."""
+        if self._final_output is not None:
+            return self._final_output
         self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
@@ -101,13 +104,21 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._close_log()
         return self.proc.returncode
+
+    def _close_log(self) -> None:
+        if self._final_output is None and not self.log.closed:
+            self._final_output = self.output()
+            self.log.close()
+            Path(self.log.name).unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL at once (a crash, as far as peers can tell)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._close_log()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

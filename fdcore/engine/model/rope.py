@@ -10,7 +10,7 @@ import torch
 
 from .config import ModelConfig
 
-__all__ = ["RotaryTable", "apply_rope"]
+__all__ = ["RotaryEmbedding", "apply_rope"]
 
 
 def _inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -41,20 +41,19 @@ def _llama3(inv: torch.Tensor, scaling: Mapping[str, Any]) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-class RotaryTable:
-    """Precomputed cos/sin rows for positions ``0 .. max_len - 1``."""
+class RotaryEmbedding:
+    """cos/sin for given positions, computed per forward (one small outer product)."""
 
-    def __init__(
-        self, cfg: ModelConfig, max_len: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), _inverse_frequencies(cfg))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+        self.inv_freq = _inverse_frequencies(cfg).to(device)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` shaped ``[tokens, 1, head_dim]`` to broadcast over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Registration with a router (FastDeploy's RegisterManager): POST /register, again and again.
+
+The periodic re-POST doubles as a heartbeat, so a router that restarts learns the instance
+again within one interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+import aiohttp
+import structlog
+
+import fdcore
+
+log = structlog.get_logger(__name__)
+
+
+def advertised_ip(host: str) -> str:
+    """The IP a router should use to reach this engine when it listens on ``host``."""
+    if host not in ("", "0.0.0.0", "::"):
+        with contextlib.suppress(OSError):
+            return socket.gethostbyname(host)
+        return host
+    # Connecting a UDP socket sends nothing; it only picks the outgoing interface.
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("10.255.255.255", 1))
+        return str(sock.getsockname()[0])
+    return "127.0.0.1"
+
+
+def register_payload(
+    *,
+    role: str,
+    host_ip: str,
+    port: int,
+    metrics_port: int,
+    connector_port: int,
+    engine_worker_queue_port: int,
+    transfer_protocol: list[str],
+    rdma_ports: list[str],
+    device_ids: list[str],
+) -> dict[str, Any]:
+    """FastDeploy's register body (``init_cache_info`` plus the newer fields)."""
+    return {
+        "role": role,
+        "host_ip": host_ip,
+        "port": port,
+        "connector_port": connector_port,
+        "engine_worker_queue_port": engine_worker_queue_port,
+        "transfer_protocol": transfer_protocol,
+        "rdma_ports": rdma_ports,
+        "device_ids": device_ids,
+        "metrics_port": metrics_port,
+        "tp_size": max(1, len(device_ids)),
+        "version": fdcore.__version__,
+    }
+
+
+class Registrar:
+    """POSTs the payload to ``http://{router}/register`` every ``interval`` seconds."""
+
+    def __init__(self, router: str, payload: dict[str, Any], interval: float) -> None:
+        base = router if "://" in router else f"http://{router}"
+        self.url = base.rstrip("/") + "/register"
+        self.payload = payload
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start registering in the background."""
+        self._task = asyncio.create_task(self._run(), name="fdcore-register")
+
+    async def stop(self) -> None:
+        """Stop registering."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval))
+        registered: bool | None = None  # log the first outcome and every change
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    async with session.post(self.url, json=self.payload) as resp:
+                        body = await resp.text()
+                        ok = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    ok, body = False, f"{type(exc).__name__}: {exc}"
+                if ok != registered:
+                    log_event = log.info if ok else log.warning
+                    log_event("engine.register", url=self.url, ok=ok, detail=body[:200])
+                    registered = ok
+                await asyncio.sleep(self.interval)
