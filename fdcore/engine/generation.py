@@ -111,7 +111,7 @@ def _completion_prompt(ctx: EngineContext, parsed: CompletionRequest) -> list[in
     if isinstance(prompt, str):
         ids = ctx.tokenizer.encode(prompt)
     else:
-        ids = [int(t) for t in prompt]
+        ids = [t for t in prompt if isinstance(t, int)]
         if any(not 0 <= t < ctx.vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {ctx.vocab_size})",
                            param="prompt", code="invalid_value")

@@ -18,6 +18,8 @@ import fdcore
 
 log = structlog.get_logger(__name__)
 
+_HEALTH_POLL_SECONDS = 0.1
+
 
 def advertised_ip(host: str) -> str:
     """The IP a router should use to reach this engine when it listens on ``host``."""
@@ -61,13 +63,20 @@ def register_payload(
 
 
 class Registrar:
-    """POSTs the payload to ``http://{router}/register`` every ``interval`` seconds."""
+    """POSTs the payload to ``http://{router}/register`` every ``interval`` seconds.
 
-    def __init__(self, router: str, payload: dict[str, Any], interval: float) -> None:
+    The first POST waits until ``health_url`` (this engine's own ``/health``) answers, since a
+    router health-checks an instance before accepting it.
+    """
+
+    def __init__(
+        self, router: str, payload: dict[str, Any], interval: float, health_url: str
+    ) -> None:
         base = router if "://" in router else f"http://{router}"
         self.url = base.rstrip("/") + "/register"
         self.payload = payload
         self.interval = interval
+        self.health_url = health_url
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -85,6 +94,7 @@ class Registrar:
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval))
         registered: bool | None = None  # log the first outcome and every change
         async with aiohttp.ClientSession(timeout=timeout) as session:
+            await self._wait_healthy(session)
             while True:
                 try:
                     async with session.post(self.url, json=self.payload) as resp:
@@ -97,3 +107,13 @@ class Registrar:
                     log_event("engine.register", url=self.url, ok=ok, detail=body[:200])
                     registered = ok
                 await asyncio.sleep(self.interval)
+
+    async def _wait_healthy(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            try:
+                async with session.get(self.health_url) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(_HEALTH_POLL_SECONDS)

@@ -73,7 +73,10 @@ class EventStreamResponse(Response):
         on_disconnect: Callable[[], None],
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(None, 200, {"cache-control": "no-cache", **(headers or {})})
+        # No body attribute: the headers then carry no Content-Length (the body is streamed).
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", **(headers or {})})
         self.events = events
         self.on_disconnect = on_disconnect
 

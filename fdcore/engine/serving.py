@@ -101,9 +101,12 @@ class Serving:
     def cancel(self, request_id: str) -> None:
         """Abort in the background (the client went away; nobody awaits the result)."""
         if request_id in self._streams:
-            task = asyncio.get_running_loop().create_task(self.abort([request_id]))
+            task = asyncio.get_running_loop().create_task(self._abort_quietly(request_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        await self.abort([request_id])
 
     def _close(self, stream: RequestStream) -> None:
         self._streams.pop(stream.request.request_id, None)

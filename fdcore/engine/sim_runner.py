@@ -39,7 +39,7 @@ class SimProfile(StrictModel):
     def load(cls, path: str | None) -> SimProfile:
         """Read a profile YAML file (kebab or snake keys); None gives the defaults."""
         if path is None:
-            return cls()
+            return cls.model_validate({})
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:

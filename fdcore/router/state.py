@@ -39,7 +39,6 @@ class RouterState:
         for policy in self.selector.policies.values():
             await policy.start()
         await self.proxy.start()
-        self._load_register_file()
         await self.health.start()
 
     async def stop(self) -> None:
@@ -49,24 +48,32 @@ class RouterState:
         for policy in self.selector.policies.values():
             await policy.stop()
 
-    def _load_register_file(self) -> None:
-        path = self.config.manager.register_path
-        if not path:
-            return
-        if not Path(path).is_absolute() and self.config.source != "<defaults>":
-            path = str(Path(self.config.source).parent / path)
-        data = read_yaml(path)
-        entries = data.get("instances") if isinstance(data, dict) else None
-        if not isinstance(entries, list):
-            raise StartupError(f"{path}: instances: required, a list of register payloads")
-        for index, entry in enumerate(entries):
-            try:
-                instance = parse_instance(entry, time.time())
-            except PayloadError as exc:
-                raise StartupError(f"{path}: instances[{index}].{exc}") from None
-            # Not in selection until the health manager has seen it answer.
-            self.instances.upsert(instance, healthy=False)
-            log.info("instance from register file", instance=instance.url, role=instance.role.value)
+
+def load_register_file(config: RouterConfig, instances: InstanceRegistry) -> None:
+    """Add the instances of ``manager.register-path`` (relative to the config file)."""
+    path = config.manager.register_path
+    if not path:
+        return
+    if not Path(path).is_absolute() and config.source != "<defaults>":
+        path = str(Path(config.source).parent / path)
+    data = read_yaml(path)
+    entries = data.get("instances") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise StartupError(f"{path}: instances: required, a list of register payloads")
+    for index, entry in enumerate(entries):
+        try:
+            instance = parse_instance(entry, time.time())
+        except PayloadError as exc:
+            raise StartupError(f"{path}: instances[{index}].{exc}") from None
+        if (instance.role is Role.MIXED) == config.server.splitwise:
+            mode = "splitwise" if config.server.splitwise else "mixed"
+            raise StartupError(
+                f"{path}: instances[{index}].role: a {instance.role.value} instance cannot "
+                f"join a {mode} router"
+            )
+        # Not in selection until the health manager has seen it answer.
+        instances.upsert(instance, healthy=False)
+        log.info("instance from register file", instance=instance.url, role=instance.role.value)
 
 
 def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
@@ -98,6 +105,7 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
                       timeout=manager.health_check_timeout_secs),
     )
     selector = Selector(instances, policies, metrics)
+    load_register_file(config, instances)
     return RouterState(
         config=config,
         plugins=plugins,

@@ -92,9 +92,8 @@ def plan_batch(
             positions.extend(span)
             blocks.extend(seq.block_table[p // block_size] for p in span)
             last_rows[i] = len(tokens) - 1
-        groups.append(
-            _group(seqs, ids, slice(first_row, len(tokens)), q_len, block_size, heads_per_kv, device)
-        )
+        rows = slice(first_row, len(tokens))
+        groups.append(_group(seqs, ids, rows, q_len, block_size, heads_per_kv, device))
     pos = torch.tensor(positions, dtype=torch.int64)
     return BatchPlan(
         tokens=torch.tensor(tokens, dtype=torch.int64).to(device),

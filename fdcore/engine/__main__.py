@@ -1,0 +1,7 @@
+"""``python -m fdcore.engine``: the same as ``fdcore engine``."""
+
+import sys
+
+from fdcore.engine.cli import main
+
+sys.exit(main())

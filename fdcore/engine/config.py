@@ -1,0 +1,133 @@
+"""``fdcore engine`` settings: one strict model behind the flags and ``engine.yaml``.
+
+Keys are the flag names without ``--`` (kebab or snake case). ``scheduler-<field>`` keys other
+than ``scheduler-name`` belong to the chosen scheduler plugin and are validated against its
+``Config`` once plugins are loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BeforeValidator, Field, ValidationError
+
+from fdcore.errors import StartupError
+from fdcore.types import Role, StrictModel
+
+SCHEDULER_PREFIX = "scheduler-"
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (int, float)):
+        return [value]
+    return value
+
+
+def _parse_size(value: Any) -> Any:
+    """``1073741824``, ``"1GiB"``, ``"512m"``: bytes (binary multiples)."""
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        return int(match[1]) * 1024 ** "kmgt".find(match[2].lower()) if match[2] else int(match[1])
+    return value
+
+
+CsvStr = Annotated[list[str], BeforeValidator(_split_csv)]
+CsvInt = Annotated[list[int], BeforeValidator(_split_csv)]
+Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class EngineConfig(StrictModel):
+    """Every engine setting; the field docs are the flags' help."""
+
+    model: str = Field(description="HF folder or .gguf file of the model, or `sim`")
+    sim_profile: str | None = Field(None, description="YAML cost model for --model sim")
+    host: str = Field("0.0.0.0", description="address the API listens on")
+    port: Port = Field(8000, description="API port")
+    metrics_port: Port | None = Field(None, description="/metrics port (default: the API port)")
+    splitwise_role: Role = Field(Role.MIXED, description="mixed, prefill or decode")
+    router: str | None = Field(None, description="host:port of a router to register with")
+    register_interval: float = Field(5.0, gt=0, description="seconds between re-registrations")
+    scheduler_name: str = Field("local", description="scheduler plugin")
+    max_num_seqs: int = Field(34, ge=1, description="sequences per batch at most")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step at most")
+    max_model_len: int | None = Field(None, ge=2, description="context length (default: model's)")
+    block_size: int = Field(64, ge=1, description="tokens per KV-cache block")
+    num_gpu_blocks: int | None = Field(None, ge=1, description="KV-cache blocks")
+    kv_cache_memory: Bytes | None = Field(None, description="KV-cache bytes, e.g. 2GiB")
+    enc_dec_block_num: int = Field(2, ge=0, description="blocks reserved per admitted request")
+    enable_prefix_caching: bool = Field(True, description="reuse cached prompt prefixes")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights")
+    served_model_name: str | None = Field(None, description="model name in the API")
+    engine_worker_queue_port: int = Field(8002, ge=0, le=65535, description="registered only")
+    pd_comm_port: CsvInt = Field(default_factory=list, description="PD control ports")
+    cache_transfer_protocol: CsvStr = Field(["ipc"], description="KV transports, e.g. ipc,rdma")
+    rdma_comm_ports: CsvStr = Field(default_factory=list, description="RDMA ports per device")
+    device_ids: CsvStr = Field(["0"], description="device ids (registered)")
+    plugins: str = Field("default", description="plugins to load: default, default,NAME, all")
+    block_plugins: CsvStr = Field(default_factory=list, description="plugins never to load")
+    max_request_bytes: Bytes = Field(8 * 1024 * 1024, description="largest request body")
+
+
+def _kebab(key: Any) -> str:
+    return str(key).replace("_", "-")
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """``engine.yaml`` as kebab-case keys; a ``scheduler:`` mapping becomes ``scheduler-*``."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise StartupError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise StartupError(f"{path}: the top level must be a mapping of settings")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if _kebab(key) == "scheduler" and isinstance(value, dict):
+            flat.update({SCHEDULER_PREFIX + _kebab(k): v for k, v in value.items()})
+        else:
+            flat[_kebab(key)] = value
+    return flat
+
+
+def resolve(
+    yaml_path: str | None, flags: dict[str, Any]
+) -> tuple[EngineConfig, dict[str, Any], dict[str, str]]:
+    """Merge ``engine.yaml`` and flags (flags win) into the config and scheduler options.
+
+    Returns ``(config, scheduler_options, origin)``; ``origin`` maps each scheduler option to
+    where it came from, for error messages.
+    """
+    from_yaml = read_yaml(yaml_path) if yaml_path else {}
+    from_flags = {_kebab(k): v for k, v in flags.items()}
+    merged = {**from_yaml, **from_flags}
+    origin = {k: f"--{k}" if k in from_flags else f"{yaml_path}: {k}" for k in merged}
+    scheduler_name = SCHEDULER_PREFIX + "name"
+    options = {
+        k.removeprefix(SCHEDULER_PREFIX): v
+        for k, v in merged.items()
+        if k.startswith(SCHEDULER_PREFIX) and k != scheduler_name
+    }
+    settings = {k: v for k, v in merged.items() if not k.startswith(SCHEDULER_PREFIX)
+                or k == scheduler_name}
+    try:
+        config = EngineConfig.model_validate(settings)
+    except ValidationError as exc:
+        raise StartupError(describe(exc, origin)) from None
+    return config, options, {k: origin[SCHEDULER_PREFIX + k] for k in options}
+
+
+def describe(exc: ValidationError, origin: dict[str, str]) -> str:
+    """One line for the first error: ``file: key: message`` or ``--flag: message``."""
+    err = exc.errors()[0]
+    key = ".".join(str(part) for part in err["loc"] if isinstance(part, str)) or "settings"
+    if err["type"] == "missing":
+        return f"--{key} is required (or `{key}:` in the --config file)"
+    message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"{origin.get(key, key)}: {message}"

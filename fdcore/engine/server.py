@@ -1,0 +1,139 @@
+"""Builds an engine from its config and serves it with hypercorn on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import structlog
+import uvloop
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+from pydantic import ValidationError
+from starlette.applications import Starlette
+
+from fdcore.engine.app import Component, build_app, build_metrics_app
+from fdcore.engine.batcher import Batcher
+from fdcore.engine.block_manager import BlockManager
+from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig, describe
+from fdcore.engine.context import EngineContext
+from fdcore.engine.engine_loop import EngineLoop
+from fdcore.engine.loader import LoadedModel, load
+from fdcore.engine.metrics import EngineMetrics
+from fdcore.engine.registration import Registrar, advertised_ip, register_payload
+from fdcore.engine.serving import Serving
+from fdcore.errors import StartupError
+from fdcore.plugins import load_plugins
+from fdcore.registry import Component as Registered
+from fdcore.types import SchedulerContext, StrictModel
+
+log = structlog.get_logger(__name__)
+
+
+def scheduler_config(
+    component: Registered, options: dict[str, Any], origin: dict[str, str]
+) -> StrictModel:
+    """Validate ``--scheduler-*`` options against the chosen plugin's ``Config``."""
+    config_cls: type[StrictModel] = component.cls.Config
+    known = sorted(f.alias or name for name, f in config_cls.model_fields.items())
+    for key in options:
+        if key.replace("_", "-") not in known:
+            takes = ", ".join(f"--{SCHEDULER_PREFIX}{k}" for k in known) or "no options"
+            raise StartupError(
+                f"{origin[key]}: unknown option of scheduler {component.name!r} "
+                f"(plugin {component.plugin!r}; it takes {takes})"
+            )
+    try:
+        return config_cls.model_validate({k.replace("_", "-"): v for k, v in options.items()})
+    except ValidationError as exc:
+        by_field = {k.replace("_", "-"): where for k, where in origin.items()}
+        raise StartupError(describe(exc, by_field)) from None
+
+
+def serve(config: EngineConfig, options: dict[str, Any], origin: dict[str, str]) -> int:
+    """Load plugins and the model, then serve until SIGINT or SIGTERM; returns the exit code."""
+    plugins = load_plugins(config.plugins, config.block_plugins)
+    component = plugins.registry.get("scheduler", config.scheduler_name)
+    sched_config = scheduler_config(component, options, origin)
+    model = load(config)
+    if model.runner.num_blocks <= config.enc_dec_block_num:
+        raise StartupError(
+            f"the KV cache has {model.runner.num_blocks} blocks; it needs more than "
+            f"--enc-dec-block-num ({config.enc_dec_block_num})"
+        )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(config, component, sched_config, model))
+    return 0
+
+
+async def _serve(
+    config: EngineConfig, component: Registered, sched_config: StrictModel, model: LoadedModel
+) -> None:
+    host_ip = advertised_ip(config.host)
+    metrics_port = config.metrics_port or config.port
+    scheduler = component.cls(
+        sched_config,
+        SchedulerContext(f"{host_ip}:{config.port}", host_ip, config.port, config.block_size),
+    )
+    metrics = EngineMetrics()
+    blocks = BlockManager(model.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+    batcher = Batcher(
+        blocks, config.max_num_seqs, config.max_num_batched_tokens,
+        on_admit=lambda seq: metrics.on_admit(seq.prompt_len, seq.num_cached_tokens),
+    )
+    metrics.bind(
+        running=lambda: len(batcher.running), available_blocks=lambda: blocks.num_available,
+        free_blocks=lambda: blocks.num_free, used_blocks=lambda: blocks.num_used,
+        total_blocks=blocks.num_blocks, max_num_seqs=config.max_num_seqs,
+    )
+    engine = EngineLoop(
+        runner=model.runner, tokenizer=model.tokenizer, scheduler=scheduler, batcher=batcher,
+        metrics=metrics, eos_token_ids=model.eos_token_ids, max_model_len=model.max_model_len,
+        reserved_output_blocks=config.enc_dec_block_num,
+    )
+    serving = Serving(scheduler, engine, metrics)
+    name = config.served_model_name or model.name
+    ctx = EngineContext(
+        model_name=name, served_names=frozenset({name, config.model, model.name}),
+        tokenizer=model.tokenizer, vocab_size=model.runner.vocab_size,
+        max_model_len=model.max_model_len, cache_tokens=blocks.num_blocks * blocks.block_size,
+        serving=serving, scheduler=scheduler, metrics=metrics,
+        instance_id=f"{host_ip}:{config.port}", max_body_bytes=config.max_request_bytes,
+    )
+    components: list[Component] = [scheduler, engine, serving]
+    if config.router:
+        payload = register_payload(
+            role=config.splitwise_role.value, host_ip=host_ip, port=config.port,
+            metrics_port=metrics_port,
+            connector_port=config.pd_comm_port[0] if config.pd_comm_port else 0,
+            engine_worker_queue_port=config.engine_worker_queue_port,
+            transfer_protocol=config.cache_transfer_protocol,
+            rdma_ports=config.rdma_comm_ports, device_ids=config.device_ids,
+        )
+        local = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else host_ip
+        health_url = f"http://{local}:{config.port}/health"
+        components.append(Registrar(config.router, payload, config.register_interval, health_url))
+    apps: list[tuple[Starlette, int]] = [(build_app(ctx, components), config.port)]
+    if metrics_port != config.port:
+        apps.append((build_metrics_app(ctx), metrics_port))
+    await _run_servers(config.host, apps)
+
+
+async def _run_servers(host: str, apps: list[tuple[Starlette, int]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    servers = []
+    for app, port in apps:
+        hc = HypercornConfig()
+        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        hc.accesslog = None
+        hc.graceful_timeout = 2.0
+        servers.append(hypercorn_serve(app, hc, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    try:
+        await asyncio.gather(*servers)
+    except OSError as exc:
+        raise StartupError(f"cannot serve on {host}: {exc}") from None
+    log.info("engine.stopped")
