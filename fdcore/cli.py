@@ -89,8 +89,9 @@ def _engine_parser(sub: Any) -> None:
     try:
         from fdcore.engine.cli import add_engine_parser
     except ImportError as exc:  # the engine's own dependencies are missing
-        p = sub.add_parser("engine", help=f"run an inference instance (unavailable: {exc})")
-        p.set_defaults(func=lambda args: _fail(f"engine unavailable: {exc}"))
+        reason = f"engine unavailable: {exc}"
+        p = sub.add_parser("engine", help=f"run an inference instance ({reason})")
+        p.set_defaults(func=lambda args: _fail(reason))
         return
     add_engine_parser(sub)
 

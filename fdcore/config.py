@@ -97,11 +97,11 @@ class RouterConfig(StrictModel):
     """The whole router configuration."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)  # type: ignore[arg-type]
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     manager: ManagerConfig = Field(default_factory=ManagerConfig)  # type: ignore[arg-type]
-    log: LogConfig = Field(default_factory=LogConfig)  # type: ignore[arg-type]
+    log: LogConfig = Field(default_factory=LogConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
-    plugins: PluginsConfig = Field(default_factory=PluginsConfig)  # type: ignore[arg-type]
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     launch: list[LaunchConfig] = Field(default_factory=list)
     source: str = Field("<defaults>", exclude=True)
 
@@ -147,7 +147,10 @@ def resolve_env_refs(value: Any, source: str, path: str = "") -> Any:
             raise StartupError(f"{source}: {path}: environment variable {name} is not set")
         return os.environ[name]
     if isinstance(value, dict):
-        return {k: resolve_env_refs(v, source, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {
+            k: resolve_env_refs(v, source, f"{path}.{k}" if path else str(k))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [resolve_env_refs(v, source, f"{path}[{i}]") for i, v in enumerate(value)]
     return value

@@ -116,7 +116,8 @@ def load_plugins(
         if name in blocked:
             continue
         _register(manager, name, plugin, "(in process)", "")
-        infos[name] = PluginInfo(name, "(in process)", "", getattr(plugin, "__name__", repr(plugin)))
+        module = getattr(plugin, "__name__", type(plugin).__qualname__)
+        infos[name] = PluginInfo(name, "(in process)", "", module)
     registry = Registry()
     for hook_name in _REGISTER_HOOKS:
         hook = getattr(manager.hook, hook_name)

@@ -108,6 +108,8 @@ def _completion_prompt(ctx: EngineContext, parsed: CompletionRequest) -> list[in
             raise APIError(400, "only one prompt per request is supported", param="prompt",
                            code="invalid_value")
         prompt = prompt[0]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
     if isinstance(prompt, str):
         ids = ctx.tokenizer.encode(prompt)
     else:
@@ -115,8 +117,6 @@ def _completion_prompt(ctx: EngineContext, parsed: CompletionRequest) -> list[in
         if any(not 0 <= t < ctx.vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {ctx.vocab_size})",
                            param="prompt", code="invalid_value")
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
     return ids
 
 

@@ -150,12 +150,11 @@ async def abort_requests(request: Request) -> Response:
     if not isinstance(payload, dict):
         return error_response(400, "request body must be a JSON object")
     abort_all = payload.get("abort_all", False)
-    req_ids = payload.get("req_ids")
+    req_ids: list[str] = payload.get("req_ids") or []
     if not isinstance(abort_all, bool):
         return error_response(400, "abort_all: must be a boolean", param="abort_all")
     if not abort_all and (
-        not isinstance(req_ids, list) or not req_ids
-        or not all(isinstance(r, str) for r in req_ids)
+        not isinstance(req_ids, list) or not all(isinstance(r, str) for r in req_ids) or not req_ids
     ):
         return error_response(400, "give req_ids (a non-empty list of strings) or abort_all: true",
                               param="req_ids")

@@ -42,7 +42,7 @@ class HealthManager:
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
         self._round_done = asyncio.Condition()
-        registry.on_remove(lambda instance: self.streaks.pop(instance.url, None))
+        registry.on_remove(self._forget)
 
     async def start(self) -> None:
         """Start the check loop (the first round runs at once)."""
@@ -99,6 +99,9 @@ class HealthManager:
                     "instance unhealthy", instance=instance.url, role=instance.role.value,
                     detail=detail, failures=streak.failures,
                 )
+
+    def _forget(self, instance: Instance) -> None:
+        self.streaks.pop(instance.url, None)
 
     def detail(self, instance: Instance) -> str:
         """The last check's detail for an instance."""

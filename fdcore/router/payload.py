@@ -10,7 +10,8 @@ from typing import Any
 from fdcore.types import Instance, Role
 
 _ROLE_NUMBERS = {0: Role.MIXED, 1: Role.PREFILL, 2: Role.DECODE}
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 PROTOCOLS = frozenset({"ipc", "rdma", "tcp"})
 _KNOWN = {
     "role", "host_ip", "port", "connector_port", "engine_worker_queue_port",
@@ -93,12 +94,13 @@ def parse_instance(payload: Any, now: float = 0.0) -> Instance:
     role = _role(payload["role"])
     host = _host(payload.get("host_ip"))
     port = _port("port", payload.get("port"), required=True)
-    protocols = [p.lower() for p in _str_list("transfer_protocol", payload.get("transfer_protocol"))]
+    protocols = [
+        p.lower() for p in _str_list("transfer_protocol", payload.get("transfer_protocol"))
+    ]
     unknown = sorted(set(protocols) - PROTOCOLS)
     if unknown:
-        raise PayloadError(
-            f"transfer_protocol: unknown {', '.join(unknown)} (known: {', '.join(sorted(PROTOCOLS))})"
-        )
+        known = ", ".join(sorted(PROTOCOLS))
+        raise PayloadError(f"transfer_protocol: unknown {', '.join(unknown)} (known: {known})")
     metrics_port = _port("metrics_port", payload.get("metrics_port")) or port
     url_host = f"[{host}]" if ":" in host else host
     return Instance(

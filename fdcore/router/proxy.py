@@ -116,8 +116,10 @@ class Proxy:
             try:
                 response = await self._forward(request, endpoint, request_id, started)
             except ClientError as exc:
-                response = error_response(exc.status, exc.message, exc.type, exc.param,
-                                          headers={"x-request-id": request_id} if request_id else None)
+                response = error_response(
+                    exc.status, exc.message, exc.type, exc.param,
+                    headers={"x-request-id": request_id} if request_id else None,
+                )
             except ClientGone:
                 response = Response(status_code=499)
             if not isinstance(response, StreamingResponse):

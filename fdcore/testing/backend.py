@@ -63,8 +63,8 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     except orjson.JSONDecodeError:
         return web.json_response({"error": {"message": "bad json", "code": 400}}, status=400)
     rid = request.headers.get("x-request-id", "none")
-    state.requests[rid] = {"headers": {k.lower(): v for k, v in request.headers.items()}, "body": payload,
-                           "endpoint": endpoint}
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    state.requests[rid] = {"headers": headers, "body": payload, "endpoint": endpoint}
     if request.headers.get("x-test-close"):
         assert request.transport is not None
         request.transport.close()

@@ -69,7 +69,10 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.ready_timeout = ready_timeout
-        self.log = tempfile.NamedTemporaryFile(prefix="fdcore-proc-", suffix=".log", delete=False)
+        # Closed by stop()/kill(), which keep what was printed for output().
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="fdcore-proc-", suffix=".log", delete=False
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self._final_output: str | None = None
 
@@ -83,7 +86,9 @@ class ServerProcess:
                 wait_for_http(self.ready_url, self.ready_timeout, self.proc)
             except Exception as exc:
                 self.stop()
-                raise RuntimeError(f"{' '.join(self.argv)} failed to start: {exc}\n{self.output()}")
+                raise RuntimeError(
+                    f"{' '.join(self.argv)} failed to start: {exc}\n{self.output()}"
+                ) from exc
         return self
 
     def output(self) -> str:

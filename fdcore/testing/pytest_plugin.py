@@ -1,4 +1,4 @@
-"""pytest fixtures for fdcore and its plugin authors (loaded through the ``pytest11`` entry point)."""
+"""pytest fixtures for fdcore and plugin authors (a ``pytest11`` entry point loads them)."""
 
 from __future__ import annotations
 

@@ -127,6 +127,6 @@ def test_env_references_in_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("FD_HEALTH_PATH", "/ready")
     assert load_router_config(path, environ={}).manager.health_check_endpoint == "/ready"
     monkeypatch.delenv("FD_HEALTH_PATH")
-    with pytest.raises(StartupError, match="manager.health-check-endpoint: environment variable "
+    with pytest.raises(StartupError, match=r"manager.health-check-endpoint: environment variable "
                                            "FD_HEALTH_PATH is not set"):
         load_router_config(path, environ={})

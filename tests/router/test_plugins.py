@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from fdcore_plugins.policies.round_robin import RoundRobinPolicy
 
 import fdcore
 from fdcore.errors import StartupError
 from fdcore.plugins import load_plugins, parse_plugin_spec
 from fdcore.registry import Register
 from fdcore.types import EmptyConfig, StrictModel
-from fdcore_plugins.policies.round_robin import RoundRobinPolicy
 from tests.router.conftest import RouterFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ class _Misspelled:
 
 
 def test_misspelled_hook_is_caught() -> None:
-    with pytest.raises(StartupError, match="plugin 'typo'.*is invalid.*fdcore_register_polices"):
+    with pytest.raises(StartupError, match=r"plugin 'typo'.*is invalid.*fdcore_register_polices"):
         load_plugins("default", extra=[("typo", _Misspelled())])
 
 

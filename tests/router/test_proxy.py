@@ -153,7 +153,7 @@ async def test_connect_failure_is_retried_on_another_instance(
     await r.wait_healthy(2)
     dead.proc.kill()
     for _ in range(4):
-        status, body, headers = await r.post("/v1/chat/completions", CHAT)
+        status, _body, headers = await r.post("/v1/chat/completions", CHAT)
         assert status == 200
         assert headers["x-router-instance-url"] == live.url
     metrics = await _metrics(r)
@@ -177,7 +177,7 @@ async def test_connection_dropped_by_backend_gives_502(backends, router: RouterF
     pair = backends(2)
     r = router(pair, manager={"health-check-interval-secs": 3600}, proxy={"max-retries": 0})
     await r.wait_healthy(2)
-    status, body, _ = await r.post("/v1/chat/completions", CHAT, headers={"x-test-close": "1"})
+    status, _body, _ = await r.post("/v1/chat/completions", CHAT, headers={"x-test-close": "1"})
     assert status == 502
     await _no_inflight(r)
 
