@@ -38,6 +38,14 @@ class ClientGone(Exception):
     """The client disconnected before the answer was ready."""
 
 
+class AnswerFailed(Exception):
+    """The instance sent response headers, then failed: never retried (it may have generated)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes without reading it all."""
     declared = request.headers.get("content-length")
@@ -83,8 +91,10 @@ class Proxy:
     """
 
     def __init__(
-        self, selector: Selector, metrics: RouterMetrics, config: ProxyConfig, max_body: int
+        self, selector: Selector, metrics: RouterMetrics, config: ProxyConfig, max_body: int,
+        splitwise: bool = False,
     ) -> None:
+        self.splitwise = splitwise
         self.selector = selector
         self.metrics = metrics
         self.config = config
@@ -139,6 +149,11 @@ class Proxy:
     async def _forward(
         self, request: Request, endpoint: str, request_id: str, started: float
     ) -> Response:
+        if self.splitwise:
+            # Instances register with their roles already; pairing them comes with PD routing.
+            raise ClientError(501, "prefill/decode (splitwise) routing is not available in this "
+                              "version; run the router without --splitwise",
+                              type_="not_implemented")
         body = await read_body(request, self.max_body)
         try:
             payload = orjson.loads(body)
@@ -161,13 +176,22 @@ class Proxy:
                 return error_response(503, str(exc), "service_unavailable",
                                       headers={"x-request-id": request_id})
             try:
-                upstream = await until_disconnect(
-                    request.receive, self._send(lease, path, body, headers)
+                upstream, data = await until_disconnect(
+                    request.receive, self._exchange(lease, path, body, headers, stream)
                 )
             except ClientGone:
                 lease.release(Outcome.DISCONNECT)
                 log.info("client disconnected", request_id=request_id, instance=lease.instance.url)
                 raise
+            except AnswerFailed as exc:
+                timed_out = isinstance(exc.cause, TimeoutError)
+                lease.release(Outcome.TIMEOUT if timed_out else Outcome.ERROR)
+                return error_response(
+                    504 if timed_out else 502,
+                    f"instance {lease.instance.url} failed mid-answer: {exc.cause!r}",
+                    "timeout" if timed_out else "bad_gateway",
+                    headers={"x-request-id": request_id},
+                )
             except _CONNECT_ERRORS as exc:
                 lease.release(Outcome.ERROR)
                 exclude.add(lease.instance.url)
@@ -192,54 +216,46 @@ class Proxy:
                 return error_response(502, f"instance {lease.instance.url} failed: {exc}",
                                       "bad_gateway", headers={"x-request-id": request_id})
             self.metrics.ttfb.labels(endpoint).observe(time.perf_counter() - started)
-            log.debug("forwarded", request_id=request_id, instance=lease.instance.url,
-                      status=upstream.status, stream=stream)
             self.metrics.inference_requests.labels(
                 lease.instance.url, "", "", str(upstream.status)
             ).inc()
-            out_headers = {
-                "x-request-id": request_id,
-                "x-router-instance-url": lease.instance.url,
-            }
+            log.debug("forwarded", request_id=request_id, instance=lease.instance.url,
+                      status=upstream.status, stream=stream)
+            out_headers = {"x-request-id": request_id, "x-router-instance-url": lease.instance.url}
             content_type = upstream.headers.get("content-type", "application/json")
-            if stream and upstream.status == 200:
+            if data is None:
                 return StreamingResponse(
                     self._relay(upstream, lease, endpoint, started), status_code=upstream.status,
                     headers={**out_headers, "cache-control": "no-cache"}, media_type=content_type,
                 )
-            return await self._buffered(request, upstream, lease, out_headers, content_type)
+            lease.release(Outcome.SUCCESS if upstream.status < 500 else Outcome.ERROR)
+            return Response(data, status_code=upstream.status, headers=out_headers,
+                            media_type=content_type)
 
-    async def _send(
-        self, lease: Lease, path: str, body: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
+    async def _exchange(
+        self, lease: Lease, path: str, body: bytes, headers: dict[str, str], stream: bool
+    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        """POST and wait for the response headers; read the whole body unless it streams.
+
+        One task per request does both, so a client disconnect is watched with one watcher.
+        """
         assert self.session is not None
         async with asyncio.timeout(self.config.first_byte_timeout_secs):
-            return await self.session.post(lease.instance.url + path, data=body, headers=headers)
-
-    async def _buffered(
-        self, request: Request, upstream: aiohttp.ClientResponse, lease: Lease,
-        headers: dict[str, str], content_type: str,
-    ) -> Response:
+            upstream = await self.session.post(
+                lease.instance.url + path, data=body, headers=headers
+            )
+        if stream and upstream.status == 200:
+            return upstream, None
         try:
-            data = await until_disconnect(request.receive, upstream.read())
-        except ClientGone:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             upstream.close()
-            lease.release(Outcome.DISCONNECT)
+            raise AnswerFailed(exc) from exc
+        except asyncio.CancelledError:
+            upstream.close()
             raise
-        except TimeoutError:
-            upstream.close()
-            lease.release(Outcome.TIMEOUT)
-            return error_response(504, f"instance {lease.instance.url} timed out", "timeout",
-                                  headers=headers)
-        except aiohttp.ClientError as exc:
-            upstream.close()
-            lease.release(Outcome.ERROR)
-            return error_response(502, f"instance {lease.instance.url} failed mid-answer: {exc}",
-                                  "bad_gateway", headers=headers)
         upstream.release()
-        lease.release(Outcome.SUCCESS if upstream.status < 500 else Outcome.ERROR)
-        return Response(data, status_code=upstream.status, headers=headers,
-                        media_type=content_type)
+        return upstream, data
 
     async def _relay(
         self, upstream: aiohttp.ClientResponse, lease: Lease, endpoint: str, started: float

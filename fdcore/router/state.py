@@ -113,5 +113,6 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         metrics=metrics,
         health=HealthManager(instances, check, manager),
         selector=selector,
-        proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes),
+        proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes,
+                    config.server.splitwise),
     )

@@ -96,6 +96,8 @@ async def test_role_must_fit_the_mode(backends, router: RouterFactory) -> None:
     status, _, _ = await pd.post("/register", a.payload(role=2))
     assert status == 200
     assert (await pd.get("/registered_number"))[1] == {"mixed": 0, "prefill": 0, "decode": 1}
+    status, body, _ = await pd.post("/v1/completions", {"prompt": "x"})
+    assert status == 501 and "splitwise" in body["error"]["message"]
 
 
 async def test_register_file_loads_at_start(backends, router: RouterFactory) -> None:
