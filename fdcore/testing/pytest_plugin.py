@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from fdcore.plugins import PluginSet, load_plugins
+from fdcore.testing.cluster import BackendFactory, RouterFactory
 from fdcore.testing.processes import free_port
 
 
@@ -18,3 +22,19 @@ def fdcore_plugins() -> PluginSet:
 def unused_port() -> int:
     """A free TCP port on 127.0.0.1."""
     return free_port()
+
+
+@pytest.fixture
+def backends() -> Iterator[BackendFactory]:
+    """``backends(n)`` starts n OpenAI-compatible test instances; all stop after the test."""
+    factory = BackendFactory()
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[RouterFactory]:
+    """``router(instances, **sections)`` starts ``fdcore serve``; all stop after the test."""
+    factory = RouterFactory(tmp_path)
+    yield factory
+    factory.stop_all()

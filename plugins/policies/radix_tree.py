@@ -88,7 +88,8 @@ class RadixTree:
             node = child
             i += common
         if self._blocks > self.max_blocks:
-            self._evict_lru(int(self.max_blocks * self.LOW_WATER))
+            # Never below the chain just inserted: it is the most recently used entry.
+            self._evict_lru(max(int(self.max_blocks * self.LOW_WATER), len(hashes)))
 
     def match(self, hashes: Sequence[int], allowed: Collection[str]) -> dict[str, int]:
         """How many leading blocks of ``hashes`` each instance in ``allowed`` has seen.
@@ -191,7 +192,8 @@ class RadixTree:
             self._nodes -= 1
 
     def _evict_lru(self, target: int) -> None:
-        heap = [(leaf.last_access(), id(leaf), leaf) for leaf in _walk(self._root) if _is_leaf(leaf)]
+        leaves = (node for node in _walk(self._root) if _is_leaf(node))
+        heap = [(leaf.last_access(), id(leaf), leaf) for leaf in leaves]
         heapq.heapify(heap)
         while self._blocks > target and heap:
             _, _, leaf = heapq.heappop(heap)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import struct
 
+from fdcore_plugins.policies.block_hashes import block_hashes
 from hypothesis import given
 from hypothesis import strategies as st
-
-from fdcore_plugins.policies.block_hashes import block_hashes
 
 
 def reference(tokens: list[int], block_size: int, seed: int) -> list[int]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from fdcore_plugins.policies.radix_tree import RadixTree
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from fdcore_plugins.policies.radix_tree import RadixTree
 
 INSTANCES = ("a", "b", "c")
 # Few distinct hash values, so random chains share prefixes and split edges often.
