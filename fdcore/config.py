@@ -43,6 +43,7 @@ class SchedulerConfig(StrictModel):
     policy: str = "request_num"
     prefill_policy: str = "process_tokens"
     decode_policy: str = "request_num"
+    stats_interval_secs: float = Field(5, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
@@ -106,7 +107,10 @@ class RouterConfig(StrictModel):
     source: str = Field("<defaults>", exclude=True)
 
 
-_SCHEDULER_KEYS = {"policy", "prefill-policy", "decode-policy", "prefill_policy", "decode_policy"}
+_SCHEDULER_KEYS = {
+    "policy", "prefill-policy", "decode-policy", "prefill_policy", "decode_policy",
+    "stats-interval-secs", "stats_interval_secs",
+}
 
 
 def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:

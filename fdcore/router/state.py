@@ -17,6 +17,7 @@ from fdcore.router.metrics import RouterMetrics
 from fdcore.router.payload import PayloadError, parse_instance
 from fdcore.router.proxy import Proxy
 from fdcore.router.selection import Selector
+from fdcore.router.stats import StatsLogger
 from fdcore.types import HealthContext, PolicyContext, Role, SelectionPolicy
 
 log = structlog.get_logger("fdcore.router")
@@ -33,6 +34,7 @@ class RouterState:
     health: HealthManager
     selector: Selector
     proxy: Proxy
+    stats: StatsLogger
 
     async def start(self) -> None:
         """Start policies, the upstream client and the health loop; load ``register.yaml``."""
@@ -40,9 +42,11 @@ class RouterState:
             await policy.start()
         await self.proxy.start()
         await self.health.start()
+        await self.stats.start()
 
     async def stop(self) -> None:
         """Stop everything started by :meth:`start`."""
+        await self.stats.stop()
         await self.health.stop()
         await self.proxy.stop()
         for policy in self.selector.policies.values():
@@ -115,4 +119,5 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         selector=selector,
         proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes,
                     config.server.splitwise),
+        stats=StatsLogger(instances, config.scheduler.stats_interval_secs),
     )

@@ -72,6 +72,11 @@ class Router:
                 decoded = raw.decode()
             return r.status, decoded, {k.lower(): v for k, v in r.headers.items()}
 
+    async def text(self, path: str) -> str:
+        """GET a text endpoint (``/metrics``)."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
+            return await r.text()
+
     async def instances(self) -> list[dict[str, Any]]:
         """Every registered instance (all roles) from ``/registered``."""
         _, body = await self.get("/registered")

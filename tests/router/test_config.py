@@ -24,6 +24,17 @@ scheduler:
   policy: round_robin
   prefill-policy: random
   decode-policy: random
+  eviction-interval-secs: 60
+  eviction-duration-mins: 30
+  cache-block-size: 64
+  tokenizer-url: ""
+  tokenizer-timeout-secs: 2
+  balance-abs-threshold: 1
+  balance-rel-threshold: 0.2
+  hit-ratio-weight: 1
+  load-balance-weight: 0.05
+  waiting-weight: 10
+  stats-interval-secs: 5
 manager:
   health-failure-threshold: 3
   health-success-threshold: 2
