@@ -98,7 +98,7 @@ class RouterConfig(StrictModel):
     """The whole router configuration."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)  # type: ignore[arg-type]
     manager: ManagerConfig = Field(default_factory=ManagerConfig)  # type: ignore[arg-type]
     log: LogConfig = Field(default_factory=LogConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""A periodic load summary in the logs (``scheduler.stats-interval-secs``, as FastDeploy logs it)."""
+"""A periodic load summary in the logs (``scheduler.stats-interval-secs``)."""
 
 from __future__ import annotations
 
