@@ -67,7 +67,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         await launcher.start()
         try:
-            await serve_app(app, config.server.host, config.server.port)
+            await serve_app(app, config.server.host, config.server.port,
+                            config.server.http_server)
         finally:
             await launcher.stop()
 

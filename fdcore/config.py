@@ -31,6 +31,7 @@ class ServerConfig(StrictModel):
     mode: Literal["debug", "release", "test"] = "release"
     splitwise: bool = False
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)  # fdcore: larger bodies get 413
+    http_server: Literal["uvicorn", "hypercorn"] = "uvicorn"  # fdcore: hypercorn for HTTP/2
 
 
 class SchedulerConfig(StrictModel):

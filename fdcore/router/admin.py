@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from fdcore.router.errors import ClientError, error_response, json_response
 from fdcore.router.payload import PayloadError, describe, parse_instance
-from fdcore.router.proxy import models_union, read_body
+from fdcore.router.proxy import models_union
 from fdcore.router.state import RouterState
 from fdcore.types import Instance, Role
 
@@ -24,7 +24,14 @@ _ADMIN_BODY_LIMIT = 1024 * 1024
 
 
 async def _json_body(request: Request) -> Any:
-    body = await read_body(request, _ADMIN_BODY_LIMIT)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > _ADMIN_BODY_LIMIT:
+            raise ClientError(413, f"request body exceeds the limit of {_ADMIN_BODY_LIMIT} bytes",
+                              type_="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -109,7 +116,7 @@ async def health_generate(request: Request) -> Response:
 async def _fan_out(
     state: RouterState, method: str, path: str, targets: list[Instance], body: Any = None
 ) -> list[tuple[Instance, int, Any]]:
-    session = state.proxy.session
+    session = state.http
     assert session is not None
     timeout = aiohttp.ClientTimeout(total=state.config.manager.health_check_timeout_secs)
 

@@ -6,15 +6,18 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fdcore.config import RouterConfig
 from fdcore.plugins import PluginSet, load_plugins
 from fdcore.router import admin
 from fdcore.router.errors import error_response
+from fdcore.router.proxy import ENDPOINT_PATHS
 from fdcore.router.state import RouterState, build_state
 
 
@@ -34,7 +37,39 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
 
 
-def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> Starlette:
+class _Endpoint:
+    """Lets Starlette answer 405 for the proxy paths; POSTs never reach it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+class RouterApp:
+    """The router's ASGI app: inference POSTs go straight to the proxy (the hot path), the
+    rest through Starlette (routing, error handlers, lifespan)."""
+
+    def __init__(self, starlette: Starlette, fast: dict[str, ASGIApp]) -> None:
+        self.starlette = starlette
+        self.fast = fast
+
+    @property
+    def state(self) -> State:
+        """The Starlette app's state (``state.fdcore`` is the :class:`RouterState`)."""
+        return self.starlette.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            app = self.fast.get(scope["path"])
+            if app is not None:
+                await app(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
+
+
+def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> RouterApp:
     """Build a router app with its own plugin manager, registry and metrics."""
     if plugins is None:
         plugins = load_plugins(config.plugins.enable, config.plugins.block)
@@ -48,9 +83,9 @@ def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> Starle
         finally:
             await state.stop()
 
+    fast = {path: state.proxy.endpoint(name) for name, path in ENDPOINT_PATHS.items()}
     routes = [
-        Route("/v1/chat/completions", state.proxy.handler("chat"), methods=["POST"]),
-        Route("/v1/completions", state.proxy.handler("completions"), methods=["POST"]),
+        *(Route(path, _Endpoint(app), methods=["POST"]) for path, app in fast.items()),
         Route("/v1/models", admin.models, methods=["GET"]),
         Route("/v1/abort_requests", admin.abort_requests, methods=["POST"]),
         Route("/register", admin.register, methods=["POST"]),
@@ -66,10 +101,10 @@ def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> Starle
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.fdcore = state
-    return app
+    return RouterApp(app, fast)
 
 
-def state_of(app: Starlette) -> RouterState:
+def state_of(app: RouterApp) -> RouterState:
     """The :class:`RouterState` of an app built by :func:`create_app`."""
     state: RouterState = app.state.fdcore
     return state

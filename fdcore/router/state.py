@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import structlog
 
 from fdcore.config import RouterConfig, option_keys, policy_config, read_yaml
@@ -36,11 +37,13 @@ class RouterState:
     proxy: Proxy
     stats: StatsLogger
 
+    http: aiohttp.ClientSession | None = None
+
     async def start(self) -> None:
-        """Start policies, the upstream client and the health loop; load ``register.yaml``."""
+        """Start policies, the admin HTTP client, the health loop and the stats log."""
         for policy in self.selector.policies.values():
             await policy.start()
-        await self.proxy.start()
+        self.http = aiohttp.ClientSession()
         await self.health.start()
         await self.stats.start()
 
@@ -49,6 +52,8 @@ class RouterState:
         await self.stats.stop()
         await self.health.stop()
         await self.proxy.stop()
+        if self.http is not None:
+            await self.http.close()
         for policy in self.selector.policies.values():
             await policy.stop()
 
