@@ -13,17 +13,25 @@ PY="${PEERS_PYTHON:-python3}"
 SGLANG_ROUTER_VERSION="0.3.2"
 VLLM_ROUTER_VERSION="0.1.17"
 
-# Serialise concurrent runs of this script (another benchmark may create the same venv).
-mkdir -p "$(dirname "$VENV")"
-exec 9>"$VENV.lock"
+# Serialise concurrent runs of this script (another benchmark may create the same venv). The
+# lock lives inside the venv directory, which is git-ignored; `python -m venv` accepts a
+# directory that already exists.
+mkdir -p "$VENV"
+exec 9>"$VENV/.setup.lock"
 if command -v flock >/dev/null 2>&1; then
     flock 9
 fi
 
+pip_install() {
+    # pip install, without its notes about index locations this machine's pip config lists but
+    # that do not exist; pip's exit status is kept.
+    "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV with $($PY --version 2>&1)"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    pip_install --upgrade pip
 fi
 
 installed() {
@@ -37,7 +45,7 @@ installed vllm-router "$VLLM_ROUTER_VERSION" || want+=("vllm-router==$VLLM_ROUTE
 
 if [ "${#want[@]}" -gt 0 ]; then
     echo "installing ${want[*]} into $VENV"
-    "$VENV/bin/python" -m pip install --quiet "${want[@]}"
+    pip_install "${want[@]}"
 else
     echo "$VENV already has sglang-router==$SGLANG_ROUTER_VERSION and vllm-router==$VLLM_ROUTER_VERSION"
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -88,9 +89,18 @@ class RouterMetrics:
             ["instance"], registry=reg,
         )
         reg.register(_InstanceCollector(instances))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the request path calls this several times."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def count_request(self, endpoint: str, status: int, method: str = "POST") -> None:
         """Count a finished request under fdcore's and FastDeploy's names."""
         code = str(status)
-        self.requests.labels(endpoint, code).inc()
-        self.http_requests.labels(method, endpoint, code).inc()
+        self.child(self.requests, endpoint, code).inc()
+        self.child(self.http_requests, method, endpoint, code).inc()

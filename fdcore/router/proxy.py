@@ -7,8 +7,8 @@ they are the router's hot path; everything else goes through Starlette.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -124,7 +124,7 @@ class Proxy:
     def _observe(self, ex: _Exchange) -> None:
         elapsed = time.perf_counter() - ex.started
         self.metrics.count_request(ENDPOINT_PATHS[ex.endpoint], ex.status)
-        self.metrics.latency.labels(ex.endpoint).observe(elapsed)
+        self.metrics.child(self.metrics.latency, ex.endpoint).observe(elapsed)
         log.debug("request done", request_id=ex.request_id, endpoint=ex.endpoint,
                   status=ex.status, seconds=round(elapsed, 6))
 
@@ -142,7 +142,8 @@ class Proxy:
         check_common(payload)
         prompt = PROMPT_READERS[ex.endpoint](payload)
         if not ex.request_id:
-            ex.request_id = payload.get("request_id") or uuid.uuid4().hex
+            # Unique, not secret: the cheapest 128 random bits.
+            ex.request_id = payload.get("request_id") or f"{random.getrandbits(128):032x}"
         route = RouteRequest(ex.request_id, ex.endpoint, prompt, payload, len(prompt), Role.MIXED)
         head = self._head(ex, scope)
         stream = payload.get("stream") is True
@@ -232,12 +233,19 @@ class Proxy:
         self, ex: _Exchange, lease: Lease, head: bytes, body: bytes, stream: bool, send: Send
     ) -> Outcome:
         instance = lease.instance
-        async with asyncio.timeout(self.config.total_timeout_secs):
-            async with asyncio.timeout(self.config.first_byte_timeout_secs):
-                upstream = await self.pool.request(instance.host_ip, instance.port, head, body)
-            self.metrics.ttfb.labels(ex.endpoint).observe(time.perf_counter() - ex.started)
-            self.metrics.inference_requests.labels(
-                instance.url, "", "", str(upstream.status)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.total_timeout_secs
+        # One timer: the first-byte deadline, then moved to the total deadline.
+        async with asyncio.timeout(
+            min(self.config.first_byte_timeout_secs, self.config.total_timeout_secs)
+        ) as timer:
+            upstream = await self.pool.request(instance.host_ip, instance.port, head, body)
+            timer.reschedule(deadline)
+            self.metrics.child(self.metrics.ttfb, ex.endpoint).observe(
+                time.perf_counter() - ex.started
+            )
+            self.metrics.child(
+                self.metrics.inference_requests, instance.url, "", "", str(upstream.status)
             ).inc()
             headers = [
                 (b"content-type", upstream.content_type),
@@ -253,6 +261,7 @@ class Proxy:
                 raise
             upstream.release()
             ex.status = upstream.status
+            headers.append((b"content-length", str(len(data)).encode()))
             await send({"type": "http.response.start", "status": upstream.status,
                         "headers": headers})
             await send({"type": "http.response.body", "body": data})

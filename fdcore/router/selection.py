@@ -71,7 +71,7 @@ class Selector:
             raise NoInstance(role)
         policy = self.policies[role]
         instance = await policy.select(request, candidates)
-        self.metrics.selections.labels(policy.name, role.value, instance.url).inc()
+        self.metrics.child(self.metrics.selections, policy.name, role.value, instance.url).inc()
         lease = Lease(self, request, instance, policy)
         self.inflight[request.request_id] = lease
         return lease
