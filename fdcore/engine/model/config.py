@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ModelConfig"]
+__all__ = ["GGUF_ARCHITECTURES", "SUPPORTED_ARCHITECTURES", "ModelConfig"]
 
 # Mistral and SmolLM checkpoints use model_type "llama" or "mistral"; all three share one decoder.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# llama.cpp writes Mistral and SmolLM as "llama"; other GGUF architecture names differ in layout.
+GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +101,10 @@ class ModelConfig:
     ) -> ModelConfig:
         """Read ``<arch>.*`` GGUF metadata; tensor-derived facts come in as arguments."""
         arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in GGUF_ARCHITECTURES:
             raise ValueError(
                 f"{path}: GGUF architecture {arch!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"(supported: {', '.join(GGUF_ARCHITECTURES)})"
             )
 
         def key(name: str, default: Any = None) -> Any:

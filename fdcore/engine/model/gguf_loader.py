@@ -69,13 +69,6 @@ def read_gguf(
     meta = _metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
     factors = tensors.pop("rope_freqs.weight", None)
-    renamed: dict[str, str] = {}
-    for name in tensors:
-        hf = _hf_name(name)
-        if hf is None:
-            raise ValueError(f"{path}: tensor {name!r} has no place in a Llama-family decoder")
-        renamed[name] = hf
-    tokenizer = tokenizer_from_gguf(meta, path)
     cfg = ModelConfig.from_gguf(
         meta,
         path,
@@ -84,6 +77,13 @@ def read_gguf(
         has_qkv_bias="blk.0.attn_q.bias" in tensors,
         rope_freq_factors=tuple(_to_torch(factors).tolist()) if factors is not None else None,
     )
+    renamed: dict[str, str] = {}
+    for name in tensors:
+        hf = _hf_name(name)
+        if hf is None:
+            raise ValueError(f"{path}: tensor {name!r} has no place in a Llama-family decoder")
+        renamed[name] = hf
+    tokenizer = tokenizer_from_gguf(meta, path)
     # llama.cpp permutes Q/K only for the llama architecture (its RoPE there is interleaved).
     permuted = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     if cfg.architecture != "llama":

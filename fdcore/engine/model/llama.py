@@ -63,10 +63,10 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         plan: BatchPlan,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        kv_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """Advance packed hidden states ``x`` (``[tokens, hidden]``) through this layer."""
+        """Advance packed hidden states ``x`` (``[tokens, hidden]``) through this layer;
+        ``kv_rows`` is the layer's K and V cache flattened to ``[rows, head_dim]``."""
         tokens = x.shape[0]
         qkv = F.linear(_rms_norm(x, self.input_norm, self.eps), self.qkv_weight, self.qkv_bias)
         # RoPE on q and k together: one rotation over heads + kv_heads.
@@ -74,8 +74,8 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, self.qk_width :].view(tokens, self.kv_heads, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, plan)
-        parts = [paged_attention(q[g.rows], k_cache, v_cache, g) for g in plan.groups]
+        write_kv(kv_rows, k, v, plan)
+        parts = [paged_attention(q[g.rows], kv_rows, self.kv_heads, g) for g in plan.groups]
         attn = parts[0] if len(parts) == 1 else torch.cat(parts)
         x = x + F.linear(attn, self.o_weight, self.o_bias)
         gate_up = F.linear(
@@ -108,13 +108,12 @@ class LlamaDecoder(nn.Module):
             self.lm_head = _take(weights, "lm_head.weight")
         self.rope = RotaryEmbedding(cfg, device)
 
-    def forward(
-        self, plan: BatchPlan, caches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """float32 logits ``[sequences, vocab]`` for each sequence's last fed token."""
+    def forward(self, plan: BatchPlan, kv_rows: list[torch.Tensor]) -> torch.Tensor:
+        """float32 logits ``[sequences, vocab]`` for each sequence's last fed token;
+        ``kv_rows`` holds each layer's flattened cache."""
         x = F.embedding(plan.tokens, self.embed)
         cos, sin = self.rope.cos_sin(plan.positions, x.dtype)
-        for layer, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
-            x = layer(x, cos, sin, plan, k_cache, v_cache)
+        for layer, rows in zip(self.layers, kv_rows, strict=True):
+            x = layer(x, cos, sin, plan, rows)
         last = _rms_norm(x[plan.last_rows], self.norm, self.cfg.rms_norm_eps)
         return F.linear(last, self.lm_head).float()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..runner import SeqInput
-from .attention import plan_batch
+from .attention import CacheShape, plan_batch
 from .llama import LlamaDecoder
 
 __all__ = ["TorchRunner", "kv_bytes_per_block"]
@@ -53,7 +53,10 @@ class TorchRunner:
             dtype=dtype,
             device=device,
         )
-        self._caches = [(layer[0], layer[1]) for layer in self._cache.unbind(0)]
+        layers = self._cache.unbind(0)
+        self._caches = [(layer[0], layer[1]) for layer in layers]
+        self._kv_rows = [layer.view(-1, cfg.head_dim) for layer in layers]
+        self._shape = CacheShape(num_blocks, cfg.num_kv_heads, block_size)
 
     def forward(self, seqs: Sequence[SeqInput]) -> torch.Tensor:
         """Write the fed tokens' K/V into the cache and return float32 logits
@@ -63,13 +66,12 @@ class TorchRunner:
         with torch.inference_mode():
             plan = plan_batch(
                 seqs,
-                block_size=self.block_size,
-                num_blocks=self.num_blocks,
+                cache=self._shape,
                 max_model_len=self.max_model_len,
                 heads_per_kv=self._heads_per_kv,
                 device=self.device,
             )
-            logits: torch.Tensor = self.decoder(plan, self._caches)
+            logits: torch.Tensor = self.decoder(plan, self._kv_rows)
         # An inference tensor refuses in-place ops (e.g. a sampler's temperature scaling) outside
         # inference mode; a clone outside it is an ordinary tensor.
         return logits.clone()
