@@ -173,15 +173,24 @@ class Instance:
         if text is not None:
             if chat:
                 key = "delta" if stream else "message"
-                choices = [{"index": 0, key: {"role": "assistant", "content": text},
-                            "finish_reason": finish}]
+                choices = [
+                    {
+                        "index": 0,
+                        key: {"role": "assistant", "content": text},
+                        "finish_reason": finish,
+                    }
+                ]
             else:
                 choices = [{"index": 0, "text": text, "finish_reason": finish}]
         kind = "chat.completion" if chat else "text_completion"
         return {
-            "id": "cmpl-sim", "object": kind + (".chunk" if stream and chat else ""),
-            "created": int(time.time()), "model": MODEL, "choices": choices,
-            "system_fingerprint": str(self.port), "usage": usage,
+            "id": "cmpl-sim",
+            "object": kind + (".chunk" if stream and chat else ""),
+            "created": int(time.time()),
+            "model": MODEL,
+            "choices": choices,
+            "system_fingerprint": str(self.port),
+            "usage": usage,
         }
 
     async def metrics(self, req: web.Request) -> web.Response:
@@ -244,15 +253,17 @@ def main() -> None:
     parser.add_argument("--block-chars", type=int, default=defaults.block_chars)
     parser.add_argument("--capacity-blocks", type=int, default=defaults.capacity_blocks)
     parser.add_argument("--prefill-overhead-ms", type=float, default=defaults.prefill_overhead_ms)
-    parser.add_argument(
-        "--prefill-us-per-token", type=float, default=defaults.prefill_us_per_token
-    )
+    parser.add_argument("--prefill-us-per-token", type=float, default=defaults.prefill_us_per_token)
     parser.add_argument("--decode-ms", type=float, default=defaults.decode_ms)
     parser.add_argument("--max-output", type=int, default=defaults.max_output)
     args = parser.parse_args()
     cost = CostModel(
-        args.block_chars, args.capacity_blocks, args.prefill_overhead_ms,
-        args.prefill_us_per_token, args.decode_ms, args.max_output,
+        args.block_chars,
+        args.capacity_blocks,
+        args.prefill_overhead_ms,
+        args.prefill_us_per_token,
+        args.decode_ms,
+        args.max_output,
     )
     ports = [int(p) for p in args.ports.split(",")]
     with contextlib.suppress(KeyboardInterrupt):

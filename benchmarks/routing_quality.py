@@ -4,7 +4,8 @@ Replays multi-turn chat sessions through a router in front of simulated instance
 real prefix cache (``prefix_cache_server.py``) and compares:
 
 * fdcore (``fdcore serve``, FastDeploy config.yaml + register.yaml) with ``scheduler.policy``
-  set to each of ``--policies`` (default round_robin, request_num, cache_aware);
+  set to each of ``--policies`` (default round_robin, request_num, cache_aware) and each
+  ``--variant``;
 * sglang-router 0.3.2's ``cache_aware`` with its defaults (from ``benchmarks/.venv-peers``,
   made by ``benchmarks/setup_peers.sh``).
 
@@ -15,8 +16,12 @@ sessions started in a seeded random order. Every request streams; TTFT is measur
 client (first content chunk), hit rate is ``sum(cached_tokens) / sum(prompt_tokens)`` from
 the usage the instances report, and spread is the requests each instance served.
 
-Run: ``.venv/bin/python benchmarks/routing_quality.py`` (about a minute). Writes
-``benchmarks/out/routing_quality.json`` and ``.md`` (the RESULTS.md section).
+``--variant POLICY JSON`` adds an fdcore target with its own scheduler options (e.g.
+``--variant cache_aware '{"load-factor": 0}'``); ``--repeat N`` runs every target N times,
+interleaved, and reports the median and range of each figure.
+
+Run: ``.venv/bin/python benchmarks/routing_quality.py`` (about a minute per repeat). Writes
+``benchmarks/out/routing_quality.json`` (or ``--output``) with every run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +44,14 @@ from router_overhead import NO_EGRESS_ENV, fdcore_bin
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
+# fmt: off
 WORDS = [
     "the", "a", "customer", "order", "refund", "policy", "shipping", "delay", "account",
     "password", "reset", "invoice", "warranty", "return", "label", "support", "ticket",
     "priority", "escalate", "agent", "tone", "polite", "concise", "answer", "product",
     "battery", "screen", "laptop", "phone", "charger", "cable", "store", "hours", "discount",
 ]
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,10 @@ class Workload:
     reply_chars: int = 300
     concurrency: int = 16
     seed: int = 0
-    hot_group_share: float = 0.0  # > 0: this share of sessions uses group 0's system prompt
+    hot_group_share: float = 0.0
+
+
+WORKLOAD_HELP = {"hot_group_share": "share of sessions on group 0's system prompt (skewed mix)"}
 
 
 @dataclass
@@ -75,6 +85,27 @@ class Outcome:
     ttft_p99_ms: float = 0.0
     per_instance: list[int] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One router configuration: an fdcore policy with options, or sglang-router (policy "")."""
+
+    policy: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The row name in the tables."""
+        if not self.policy:
+            return "sglang-router 0.3.2 cache_aware"
+        opts = ", ".join(f"{k}: {v}" for k, v in self.options.items())
+        return f"fdcore {self.policy}" + (f" ({opts})" if opts else "")
+
+    @property
+    def slug(self) -> str:
+        """The label as a file-name part."""
+        return "".join(c if c.isalnum() else "-" for c in self.label).strip("-")
 
 
 def text(rng: random.Random, chars: int) -> str:
@@ -100,10 +131,15 @@ def sessions(w: Workload) -> list[list[dict[str, Any]]]:
         for turn in range(w.turns):
             user = f"[s{s} t{turn}] " + text(rng, w.user_chars)
             history.append({"role": "user", "content": user})
-            bodies.append({
-                "model": "prefix-cache-sim", "messages": list(history), "max_tokens": 8,
-                "stream": True, "stream_options": {"include_usage": True},
-            })
+            bodies.append(
+                {
+                    "model": "prefix-cache-sim",
+                    "messages": list(history),
+                    "max_tokens": 8,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+            )
             history.append({"role": "assistant", "content": text(rng, w.reply_chars)})
         out.append(bodies)
     rng.shuffle(out)
@@ -137,8 +173,12 @@ async def replay(url: str, w: Workload) -> tuple[list[dict[str, Any]], int, floa
         if ttft is None or usage is None:
             return None
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        return {"ttft": ttft, "prompt": usage["prompt_tokens"], "cached": cached,
-                "instance": instance}
+        return {
+            "ttft": ttft,
+            "prompt": usage["prompt_tokens"],
+            "cached": cached,
+            "instance": instance,
+        }
 
     async def session(http: aiohttp.ClientSession, bodies: list[dict[str, Any]]) -> None:
         nonlocal errors
@@ -159,58 +199,72 @@ async def replay(url: str, w: Workload) -> tuple[list[dict[str, Any]], int, floa
     return records, errors, time.perf_counter() - start
 
 
-def summarize(target: str, launch: str, records: list[dict[str, Any]], errors: int,
-              wall: float, ports: Sequence[int]) -> Outcome:
+def summarize(
+    target: str,
+    launch: str,
+    records: list[dict[str, Any]],
+    errors: int,
+    wall: float,
+    ports: Sequence[int],
+) -> Outcome:
     """Hit rate, TTFT percentiles and per-instance counts of one run."""
     ttfts = sorted(r["ttft"] * 1e3 for r in records)
     per = [sum(1 for r in records if r["instance"] == str(p)) for p in ports]
     prompt = sum(r["prompt"] for r in records)
     return Outcome(
-        target, launch, len(records), errors,
+        target,
+        launch,
+        len(records),
+        errors,
         sum(r["cached"] for r in records) / prompt if prompt else 0.0,
         statistics.median(ttfts) if ttfts else 0.0,
         ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else 0.0,
-        per, wall,
+        per,
+        wall,
     )
 
 
-def fdcore_router(policy: str, options: dict[str, Any], ports: Sequence[int], port: int,
-                  run_dir: Path) -> ManagedProcess:
-    """``fdcore serve`` with ``scheduler.policy`` and a register.yaml of the instances."""
+def fdcore_router(target: Target, ports: Sequence[int], port: int, run_dir: Path) -> ManagedProcess:
+    """``fdcore serve`` with the target's policy and options, register.yaml of the instances."""
     binary = fdcore_bin()
     if binary is None:
         raise RuntimeError("fdcore console script not found")
     register = run_dir / "register.yaml"
-    register.write_text("instances:\n" + "".join(
-        f"  - {{role: mixed, host_ip: 127.0.0.1, port: {p}, metrics_port: {p}}}\n" for p in ports
-    ))
-    cfg = run_dir / f"cfg-{policy}.yaml"
-    extra = "".join(f"  {k}: {v}\n" for k, v in options.items())
+    register.write_text(
+        "instances:\n"
+        + "".join(
+            f"  - {{role: mixed, host_ip: 127.0.0.1, port: {p}, metrics_port: {p}}}\n"
+            for p in ports
+        )
+    )
+    slug = target.slug
+    cfg = run_dir / f"cfg-{slug}.yaml"
+    extra = "".join(f"  {k}: {v}\n" for k, v in target.options.items())
     cfg.write_text(
-        f"scheduler:\n  policy: {policy}\n{extra}"
+        f"scheduler:\n  policy: {target.policy}\n{extra}"
         f"manager:\n  health-check-interval-secs: 1\n  register-path: {register}\n"
         "log:\n  level: warning\n"
     )
     argv = [binary, "serve", "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1"]
-    return ManagedProcess(f"fdcore-{policy}", argv, run_dir / f"fdcore-{policy}.log")
+    return ManagedProcess(f"fdcore-{slug}", argv, run_dir / f"fdcore-{slug}.log")
 
 
 def sglang_router(venv: Path, ports: Sequence[int], port: int, run_dir: Path) -> ManagedProcess:
     """sglang-router's ``cache_aware`` with its default thresholds."""
-    argv = [
-        str(venv / "bin" / "python"), "-m", "sglang_router.launch_router",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", *[f"http://127.0.0.1:{p}" for p in ports],
-        "--policy", "cache_aware", "--log-level", "warn",
-        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-    ]
+    argv = [str(venv / "bin" / "python"), "-m", "sglang_router.launch_router"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware"]
+    argv += ["--worker-urls", *[f"http://127.0.0.1:{p}" for p in ports], "--log-level", "warn"]
+    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     return ManagedProcess("sglang-router", argv, run_dir / "sglang-router.log", env=NO_EGRESS_ENV)
 
 
 def wait_ready(proc: ManagedProcess, url: str) -> None:
     """Wait until a short chat request goes through the router."""
-    probe = {"model": "prefix-cache-sim", "max_tokens": 1,
-             "messages": [{"role": "user", "content": "ping"}]}
+    probe = {
+        "model": "prefix-cache-sim",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": "ping"}],
+    }
 
     def answers() -> bool:
         return http_request(f"{url}/v1/chat/completions", probe, timeout=5)[0] == 200
@@ -226,8 +280,9 @@ def reset(ports: Sequence[int]) -> None:
             raise RuntimeError(f"instance {p} did not reset (HTTP {status})")
 
 
-def run_target(name: str, proc: ManagedProcess, port: int, ports: Sequence[int],
-               w: Workload) -> Outcome:
+def run_target(
+    name: str, proc: ManagedProcess, port: int, ports: Sequence[int], w: Workload
+) -> Outcome:
     """Start a router, replay the workload through it, stop it."""
     url = f"http://127.0.0.1:{port}"
     proc.start()
@@ -244,7 +299,7 @@ def run_target(name: str, proc: ManagedProcess, port: int, ports: Sequence[int],
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
-    """The results as a Markdown table."""
+    """One run's results as a Markdown table."""
     rows = [
         "| router / policy | hit rate | TTFT p50 ms | TTFT p99 ms | requests per instance "
         "| errors |",
@@ -258,58 +313,124 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows)
 
 
+def spread(values: Sequence[float], fmt: str) -> str:
+    """Median and range of one figure over the repeats: ``median [min-max]``."""
+    lo, mid, hi = (format(v, fmt) for v in (min(values), statistics.median(values), max(values)))
+    return mid if len(values) == 1 else f"{mid} [{lo}-{hi}]"
+
+
+def summary_table(runs: Sequence[Sequence[Outcome]]) -> str:
+    """Median [range] of every figure per target over the repeats (runs[repeat][target])."""
+    rows = [
+        f"| router / policy ({len(runs)} runs) | hit rate % | TTFT p50 ms | TTFT p99 ms "
+        "| busiest instance (requests) | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for per_target in zip(*runs, strict=True):
+        rows.append(
+            f"| {per_target[0].target} "
+            f"| {spread([o.hit_rate * 100 for o in per_target], '.1f')} "
+            f"| {spread([o.ttft_p50_ms for o in per_target], '.0f')} "
+            f"| {spread([o.ttft_p99_ms for o in per_target], '.0f')} "
+            f"| {spread([max(o.per_instance) for o in per_target], '.0f')} "
+            f"| {sum(o.errors for o in per_target)} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_targets(args: argparse.Namespace) -> list[Target]:
+    """fdcore policies, then variants, then sglang-router; ``--fdcore-options`` under each."""
+    common = json.loads(args.fdcore_options)
+    targets = [Target(p, dict(common)) for p in args.policies.split(",") if p]
+    for policy, options in args.variant or []:
+        targets.append(Target(policy, {**common, **json.loads(options)}))
+    if not args.no_sglang:
+        targets.append(Target(""))
+    return targets
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run every target on the same instances and print the table."""
-    d = Workload()
+    """Run every target on the same instances ``--repeat`` times and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--instances", type=int, default=4)
-    parser.add_argument("--policies", default="round_robin,request_num,cache_aware",
-                        help="fdcore policies, comma-separated")
-    parser.add_argument("--fdcore-options", default="{}",
-                        help="JSON object of extra scheduler options for fdcore")
+    parser.add_argument(
+        "--policies",
+        default="round_robin,request_num,cache_aware",
+        help="fdcore policies, comma-separated",
+    )
+    parser.add_argument(
+        "--fdcore-options", default="{}", help="JSON object of extra scheduler options for fdcore"
+    )
+    parser.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        metavar=("POLICY", "JSON"),
+        help="one more fdcore target: a policy with these scheduler options (repeatable)",
+    )
     parser.add_argument("--no-sglang", action="store_true", help="skip sglang-router")
     parser.add_argument("--peers-venv", type=Path, default=HERE / ".venv-peers")
-    parser.add_argument("--capacity-blocks", type=int, default=2000,
-                        help="prefix cache per instance, in 32-character blocks")
-    for name in ("groups", "sessions", "turns", "system_chars", "user_chars", "reply_chars",
-                 "concurrency", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    parser.add_argument("--hot-group-share", type=float, default=d.hot_group_share,
-                        help="share of sessions on group 0's system prompt (skewed mix)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run every target this many times, interleaved"
+    )
+    parser.add_argument(
+        "--capacity-blocks",
+        type=int,
+        default=2000,
+        help="prefix cache per instance, in 32-character blocks",
+    )
+    for f in fields(Workload):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+            help=WORKLOAD_HELP.get(f.name),
+        )
+    parser.add_argument(
+        "--output", type=Path, default=OUT / "routing_quality.json", help="JSON report path"
+    )
     args = parser.parse_args(argv)
-    w = Workload(args.groups, args.sessions, args.turns, args.system_chars, args.user_chars,
-                 args.reply_chars, args.concurrency, args.seed, args.hot_group_share)
+    w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    targets = parse_targets(args)
     run_dir = OUT / "routing_quality"
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = [free_port() for _ in range(args.instances)]
-    server = ManagedProcess("instances", [
-        sys.executable, str(HERE / "prefix_cache_server.py"), "--ports", ",".join(map(str, ports)),
-        "--capacity-blocks", str(args.capacity_blocks),
-    ], run_dir / "instances.log").start()
-    outcomes: list[Outcome] = []
-    options = json.loads(args.fdcore_options)
+    server_argv = [sys.executable, str(HERE / "prefix_cache_server.py")]
+    server_argv += ["--ports", ",".join(map(str, ports))]
+    server_argv += ["--capacity-blocks", str(args.capacity_blocks)]
+    server = ManagedProcess("instances", server_argv, run_dir / "instances.log").start()
+    runs: list[list[Outcome]] = []
     try:
-        wait_until(lambda: all(http_request(f"http://127.0.0.1:{p}/health")[0] == 200
-                               for p in ports), "instances answer /health", 30, server)
-        for policy in args.policies.split(","):
-            port = free_port()
-            proc = fdcore_router(policy, options, ports, port, run_dir)
-            outcomes.append(run_target(f"fdcore {policy}", proc, port, ports, w))
-            print(table(outcomes[-1:]).splitlines()[-1], flush=True)
-        if not args.no_sglang:
-            port = free_port()
-            proc = sglang_router(args.peers_venv, ports, port, run_dir)
-            outcomes.append(run_target("sglang-router 0.3.2 cache_aware", proc, port, ports, w))
-            print(table(outcomes[-1:]).splitlines()[-1], flush=True)
+        wait_until(
+            lambda: all(http_request(f"http://127.0.0.1:{p}/health")[0] == 200 for p in ports),
+            "instances answer /health",
+            30,
+            server,
+        )
+        # Interleaved (all targets, then all again) so slow spells of a shared machine
+        # fall on every target alike.
+        for _ in range(args.repeat):
+            runs.append([])
+            for target in targets:
+                port = free_port()
+                if target.policy:
+                    proc = fdcore_router(target, ports, port, run_dir)
+                else:
+                    proc = sglang_router(args.peers_venv, ports, port, run_dir)
+                runs[-1].append(run_target(target.label, proc, port, ports, w))
+                print(table(runs[-1][-1:]).splitlines()[-1], flush=True)
     finally:
         server.stop()
-    report = {"workload": asdict(w), "instances": args.instances,
-              "capacity_blocks": args.capacity_blocks, "fdcore_options": options,
-              "command": " ".join(["benchmarks/routing_quality.py", *(argv or sys.argv[1:])]),
-              "outcomes": [asdict(o) for o in outcomes]}
-    (OUT / "routing_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {
+        "workload": asdict(w),
+        "instances": args.instances,
+        "capacity_blocks": args.capacity_blocks,
+        "command": " ".join(["benchmarks/routing_quality.py", *(argv or sys.argv[1:])]),
+        "targets": [asdict(t) | {"label": t.label} for t in targets],
+        "runs": [[asdict(o) for o in run] for run in runs],
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
     print()
-    print(table(outcomes))
+    print(summary_table(runs))
     return 0
 
 

@@ -45,9 +45,10 @@ class CacheAwarePolicy(BasePolicy):
     """Prefix-cache-aware routing over a radix tree of the prompts sent to each instance.
 
     Each prompt is cut into blocks whose chained hashes are looked up in the tree; the hit
-    ratio per candidate and the candidates' loads decide (see :func:`.cache_scores.choose`),
-    and the prompt is then recorded for the chosen instance. Load is the router's count of
-    requests in flight.
+    ratio per candidate and the candidates' loads decide (see :func:`.cache_scores.choose`:
+    bounded-load affinity by default, FastDeploy's score with ``load-factor: 0``), and the
+    prompt is then recorded for the chosen instance. Load is the router's count of requests
+    in flight.
     """
 
     name = "cache_aware"

@@ -39,8 +39,9 @@ class PolicyMetrics:
         )
         self.decisions = Counter(
             "fdcore_policy_cache_aware_decisions",
-            "Cache-aware decisions by branch: hit (scored on cache and load), miss (no useful "
-            "prefix: least loaded), imbalance (load spread too wide: least tokens)",
+            "Cache-aware decisions by branch: hit (best prefix match), miss (no useful "
+            "prefix: least loaded), spill (a better match was over the load bound), "
+            "imbalance (load-factor 0: load spread too wide, least tokens)",
             ["policy", "role", "branch"],
             registry=registry,
         )

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from fdcore.types import Role
 
-DEFAULTS = CacheScoreConfig()
+FASTDEPLOY = CacheScoreConfig(load_factor=0)  # the score path, as before load-factor
 
 
 def states(*rows: tuple[int, float, int, int]) -> list[CandidateState]:
@@ -41,38 +41,38 @@ def states(*rows: tuple[int, float, int, int]) -> list[CandidateState]:
 
 def test_hit_branch_is_fastdeploys_score() -> None:
     # (100-0)/100 + 1/1 = 2.0 against (100-50)/100 + 1/1 = 1.5.
-    assert choose(states((0, 1, 0, 0), (50, 1, 0, 0)), DEFAULTS, 0) == (1, Branch.HIT)
+    assert choose(states((0, 1, 0, 0), (50, 1, 0, 0)), FASTDEPLOY, 0) == (1, Branch.HIT)
     # 0.2 + 2/2 = 1.2 against 1.0 + 1/2 = 1.5: the cached instance wins despite more load ...
-    assert choose(states((80, 2, 0, 0), (0, 1, 0, 0)), DEFAULTS, 0) == (0, Branch.HIT)
+    assert choose(states((80, 2, 0, 0), (0, 1, 0, 0)), FASTDEPLOY, 0) == (0, Branch.HIT)
     # ... until load weighs more: 0.2 + 2 = 2.2 against 1.0 + 1 = 2.0.
-    heavy = CacheScoreConfig(load_balance_weight=2)
+    heavy = CacheScoreConfig(load_balance_weight=2, load_factor=0)
     assert choose(states((80, 2, 0, 0), (0, 1, 0, 0)), heavy, 0) == (1, Branch.HIT)
 
 
 def test_equal_scores_go_to_fewer_tokens_then_take_turns() -> None:
     rows = states((50, 0, 30, 0), (50, 0, 10, 0), (50, 0, 10, 0))
-    assert [choose(rows, DEFAULTS, turn)[0] for turn in range(4)] == [1, 2, 1, 2]
+    assert [choose(rows, FASTDEPLOY, turn)[0] for turn in range(4)] == [1, 2, 1, 2]
 
 
 def test_imbalance_falls_back_to_fewest_tokens() -> None:
     # max - min = 5 > 1 and 5/5 > 0.2: process_tokens, whatever the cache says.
     rows = states((100, 5, 10, 0), (0, 0, 50, 0), (0, 3, 0, 0))
-    assert choose(rows, DEFAULTS, 0) == (2, Branch.IMBALANCE)
+    assert choose(rows, FASTDEPLOY, 0) == (2, Branch.IMBALANCE)
     # Equal tokens: the lower load, then the better hit.
     rows = states((0, 5, 0, 0), (0, 0, 0, 0), (90, 0, 0, 0))
-    assert choose(rows, DEFAULTS, 0) == (2, Branch.IMBALANCE)
+    assert choose(rows, FASTDEPLOY, 0) == (2, Branch.IMBALANCE)
     # A spread of exactly the absolute threshold is not an imbalance.
-    assert choose(states((100, 2, 9, 0), (0, 1, 0, 0)), DEFAULTS, 0) == (0, Branch.HIT)
+    assert choose(states((100, 2, 9, 0), (0, 1, 0, 0)), FASTDEPLOY, 0) == (0, Branch.HIT)
 
 
 def test_cold_misses_take_turns_instead_of_piling_onto_the_first_url() -> None:
     rows = states((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0))
-    assert [choose(rows, DEFAULTS, turn)[0] for turn in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert [choose(rows, FASTDEPLOY, turn)[0] for turn in range(6)] == [0, 1, 2, 0, 1, 2]
 
 
 def test_a_miss_goes_by_load_before_tree_size() -> None:
     # The death spiral: a busy instance with a small tree must not soak up every miss.
-    wide = CacheScoreConfig(balance_abs_threshold=100)
+    wide = CacheScoreConfig(balance_abs_threshold=100, load_factor=0)
     rows = states((0, 8, 0, 0), (0, 7, 0, 5000))
     assert choose(rows, wide, 0) == (1, Branch.MISS)
     # At equal load the smaller tree takes the new prefix.
@@ -81,8 +81,8 @@ def test_a_miss_goes_by_load_before_tree_size() -> None:
 
 def test_weak_hits_below_the_threshold_are_misses() -> None:
     rows = states((20, 0, 0, 100), (0, 0, 0, 0))
-    assert choose(rows, DEFAULTS, 0) == (1, Branch.MISS)
-    assert choose(rows, CacheScoreConfig(cache_threshold=0), 0) == (0, Branch.HIT)
+    assert choose(rows, FASTDEPLOY, 0) == (1, Branch.MISS)
+    assert choose(rows, CacheScoreConfig(cache_threshold=0, load_factor=0), 0) == (0, Branch.HIT)
 
 
 def test_hit_percent_is_an_integer_like_fastdeploys() -> None:
@@ -95,40 +95,48 @@ def test_hit_percent_is_an_integer_like_fastdeploys() -> None:
 
 SHARED = "You are a support agent for an online bookshop. " * 14  # 686 chars: 10 full blocks
 
+# Both decisions: bounded affinity (the default) and FastDeploy's score (load-factor 0).
+MODES = pytest.mark.parametrize("config", [{}, {"load-factor": 0}], ids=["bounded", "scored"])
+
 
 def unique_text(rng: random.Random, length: int) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(length))
 
 
-async def test_the_same_prompt_sticks_to_one_instance() -> None:
+@MODES
+async def test_the_same_prompt_sticks_to_one_instance(config: dict[str, Any]) -> None:
     instances = make_instances(3)
-    router = SimRouter(build_policy("cache_aware", instances), instances)
+    router = SimRouter(build_policy("cache_aware", instances, config), instances)
     for _ in range(5):
         router.finish(await router.send(SHARED))
     assert router.chosen == {instances[0].url: 5}
 
 
-async def test_a_cached_prefix_beats_url_order() -> None:
+@MODES
+async def test_a_cached_prefix_beats_url_order(config: dict[str, Any]) -> None:
     instances = make_instances(3)
-    router = SimRouter(build_policy("cache_aware", instances), instances)
+    router = SimRouter(build_policy("cache_aware", instances, config), instances)
     router.finish(await router.send(SHARED + "first question", candidates=[instances[2]]))
     sent = await router.send(SHARED + "second question")
     assert sent.instance is instances[2]
 
 
-async def test_unique_prompts_spread_evenly_at_low_concurrency() -> None:
+@MODES
+async def test_unique_prompts_spread_evenly_at_low_concurrency(config: dict[str, Any]) -> None:
     instances = make_instances(4)
-    router = SimRouter(build_policy("cache_aware", instances), instances)
+    router = SimRouter(build_policy("cache_aware", instances, config), instances)
     rng = random.Random(1)
     for _ in range(40):
         router.finish(await router.send(unique_text(rng, 300)))
     assert sorted(router.chosen.values()) == [10, 10, 10, 10]
 
 
-async def skewed_run(concurrency: int, total: int = 400) -> tuple[SimRouter, dict[str, int]]:
+async def skewed_run(
+    concurrency: int, config: dict[str, Any], total: int = 400
+) -> tuple[SimRouter, dict[str, int]]:
     """90% of prompts share SHARED; keep ``concurrency`` requests in flight (FIFO)."""
     instances = make_instances(4)
-    router = SimRouter(build_policy("cache_aware", instances), instances)
+    router = SimRouter(build_policy("cache_aware", instances, config), instances)
     rng = random.Random(7)
     in_flight: deque[Sent] = deque()
     shared_to: dict[str, int] = {}
@@ -147,14 +155,16 @@ async def skewed_run(concurrency: int, total: int = 400) -> tuple[SimRouter, dic
     return router, shared_to
 
 
-async def test_skewed_prefixes_do_not_hot_spot_under_load() -> None:
-    router, _ = await skewed_run(concurrency=8)
+@MODES
+async def test_skewed_prefixes_do_not_hot_spot_under_load(config: dict[str, Any]) -> None:
+    router, _ = await skewed_run(8, config)
     assert len(router.chosen) == 4, "every instance receives work"
     assert max(router.chosen.values()) < 0.5 * router.sent, router.chosen
 
 
-async def test_skewed_prefixes_stay_together_when_load_allows() -> None:
-    router, shared_to = await skewed_run(concurrency=1)
+@MODES
+async def test_skewed_prefixes_stay_together_when_load_allows(config: dict[str, Any]) -> None:
+    router, shared_to = await skewed_run(1, config)
     assert len(router.chosen) == 4, "the unrelated prompts go to the other instances"
     assert max(shared_to.values()) >= 0.9 * sum(shared_to.values()), shared_to
 

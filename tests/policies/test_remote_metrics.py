@@ -171,15 +171,20 @@ async def test_forget_drops_samples(servers: Any) -> None:
     assert fallbacks(registry, instances[0]) == 1
 
 
-async def test_remote_cache_aware_weighs_scraped_load_against_the_cache(servers: Any) -> None:
+@pytest.mark.parametrize("config", [{"load-factor": 0}, {"load-factor": 1.25}],
+                         ids=["scored", "bounded"])
+async def test_remote_cache_aware_weighs_scraped_load_against_the_cache(
+    servers: Any, config: dict[str, Any]
+) -> None:
     name = "remote_cache_aware"
     policy, instances, started, registry = await remote_setup(
-        servers, [fd_metrics(10, 0), fd_metrics(0, 0)], name=name)
+        servers, [fd_metrics(10, 0), fd_metrics(0, 0)], name=name, config=config)
     a, b = instances
     try:
         router = SimRouter(policy, instances)
         router.finish(await router.send(SHARED, candidates=[a]))
-        # a holds the prefix but its engine reports 10 requests: imbalance, so not a.
+        # a holds the prefix but its engine reports 10 requests: an imbalance to FastDeploy's
+        # rule, over the bound (ceil(1.25 * 11 / 2) = 7) for bounded affinity; so not a.
         away = await router.send(SHARED)
         router.finish(away)
         for server in started:
