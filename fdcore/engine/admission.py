@@ -19,8 +19,9 @@ def count_admissible(
     Each costs the blocks of its prompt plus ``reserved_output_blocks``; requests are taken in
     order while the running sum fits; the first is taken whenever its prompt alone fits, so an
     engine with room never starves behind the reserve. Nothing is taken when
-    ``available_blocks`` does not exceed the reserve or ``batch < 1``. The token budget does not limit admission because the
-    engine prefills in chunks of at most ``max_num_batched_tokens`` per step.
+    ``available_blocks`` does not exceed the reserve or ``batch < 1``. The token budget does
+    not limit admission because the engine prefills in chunks of at most
+    ``max_num_batched_tokens`` per step.
     """
     if available_blocks <= reserved_output_blocks or batch < 1:
         return 0

@@ -42,7 +42,15 @@ async def models(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """``GET /health``: 200 once the engine serves."""
+    """``GET /health``: 200 once the engine serves; 503 while its scheduler reports a problem.
+
+    A scheduler may define ``health() -> str | None`` (e.g. ``global``: Redis unreachable).
+    """
+    ctx: EngineContext = request.app.state.engine
+    check = getattr(ctx.scheduler, "health", None)
+    problem = check() if check is not None else None
+    if problem:
+        return json_response({"status": "unhealthy", "detail": problem}, 503)
     return json_response({"status": "ok"})
 
 

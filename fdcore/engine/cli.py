@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import sys
 import types
 from collections.abc import Sequence
@@ -39,7 +40,11 @@ class EngineArgumentParser(argparse.ArgumentParser):
                 continue
             key, sep, value = item[2 + len(SCHEDULER_PREFIX):].partition("=")
             if not sep:
-                value = next(items, None) or self.error(f"{item}: expected a value")
+                # An empty value is a value (FastDeploy passes --scheduler-password "").
+                following = next(items, None)
+                if following is None:
+                    self.error(f"{item}: expected a value")
+                value = following
             options[key] = value
         parsed.scheduler_options = options
         return parsed, rest
@@ -48,6 +53,8 @@ class EngineArgumentParser(argparse.ArgumentParser):
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return {"choices": [member.value for member in annotation]}
     choices = [a for a in get_args(annotation) if isinstance(a, str)]
     if choices and all(isinstance(a, str) for a in get_args(annotation)):
         return {"choices": choices}

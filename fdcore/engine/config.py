@@ -2,22 +2,28 @@
 
 Keys are the flag names without ``--`` (kebab or snake case). ``scheduler-<field>`` keys other
 than ``scheduler-name`` belong to the chosen scheduler plugin and are validated against its
-``Config`` once plugins are loaded.
+``Config`` once plugins are loaded. Precedence: ``engine.yaml`` < ``FDCORE_ENGINE_<KEY>``
+environment variables < flags; ``$env:NAME`` values in the YAML file are read from the
+environment (for secrets such as a Redis password).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError
 
+from fdcore.config import resolve_env_refs
 from fdcore.errors import StartupError
 from fdcore.types import Role, StrictModel
 
 SCHEDULER_PREFIX = "scheduler-"
+ENV_PREFIX = "FDCORE_ENGINE_"
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -88,7 +94,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise StartupError(f"{path}: the top level must be a mapping of settings")
     flat: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in resolve_env_refs(data, path).items():
         if _kebab(key) == "scheduler" and isinstance(value, dict):
             flat.update({SCHEDULER_PREFIX + _kebab(k): v for k, v in value.items()})
         else:
@@ -96,18 +102,36 @@ def read_yaml(path: str) -> dict[str, Any]:
     return flat
 
 
+def read_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
+    """``FDCORE_ENGINE_<KEY>`` variables of known settings and of ``scheduler-*`` options, as
+    ``{key: (variable, YAML-parsed value)}``."""
+    found: dict[str, tuple[str, Any]] = {}
+    for name, value in environ.items():
+        key = _kebab(name.removeprefix(ENV_PREFIX).lower())
+        if name.startswith(ENV_PREFIX) and (
+            key.replace("-", "_") in EngineConfig.model_fields or key.startswith(SCHEDULER_PREFIX)
+        ):
+            found[key] = (name, yaml.safe_load(value))
+    return found
+
+
 def resolve(
-    yaml_path: str | None, flags: dict[str, Any]
+    yaml_path: str | None, flags: dict[str, Any], environ: Mapping[str, str] | None = None
 ) -> tuple[EngineConfig, dict[str, Any], dict[str, str]]:
-    """Merge ``engine.yaml`` and flags (flags win) into the config and scheduler options.
+    """Merge ``engine.yaml``, environment and flags into the config and scheduler options.
 
     Returns ``(config, scheduler_options, origin)``; ``origin`` maps each scheduler option to
     where it came from, for error messages.
     """
     from_yaml = read_yaml(yaml_path) if yaml_path else {}
+    from_env = read_env(os.environ if environ is None else environ)
     from_flags = {_kebab(k): v for k, v in flags.items()}
-    merged = {**from_yaml, **from_flags}
-    origin = {k: f"--{k}" if k in from_flags else f"{yaml_path}: {k}" for k in merged}
+    merged = {**from_yaml, **{k: v for k, (_, v) in from_env.items()}, **from_flags}
+    origin = {
+        k: f"--{k}" if k in from_flags else from_env[k][0] if k in from_env
+        else f"{yaml_path}: {k}"
+        for k in merged
+    }
     scheduler_name = SCHEDULER_PREFIX + "name"
     options = {
         k.removeprefix(SCHEDULER_PREFIX): v

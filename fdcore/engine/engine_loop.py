@@ -19,7 +19,7 @@ from fdcore.engine.metrics import EngineMetrics
 from fdcore.engine.runner import ModelRunner, SeqInput, Tokenizer
 from fdcore.engine.sampling import sample
 from fdcore.engine.sequence import Sequence as Seq
-from fdcore.types import RequestOutput, Scheduler
+from fdcore.types import EngineRequest, RequestOutput, Scheduler
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +77,11 @@ class EngineLoop:
 
     async def _run(self) -> None:
         while True:
-            await self._step()
+            try:
+                await self._step()
+            except Exception:  # e.g. a network-backed scheduler failing: retry, keep serving
+                log.exception("engine.loop_error")
+                await asyncio.sleep(IDLE_WAIT_SECONDS)
 
     async def _step(self) -> None:
         self._apply_aborts()
@@ -91,12 +95,20 @@ class EngineLoop:
                 batch=self.batcher.room,
                 timeout=0.0 if self.batcher.has_work() else IDLE_WAIT_SECONDS,
             )
+            rejected = [self._reject(r) for r in requests if not self._fits(r)]
             for request in requests:
-                self.batcher.add(Seq.from_request(request, self.tokenizer))
+                if self._fits(request):
+                    self.batcher.add(Seq.from_request(request, self.tokenizer))
+            if rejected:
+                await self.scheduler.put_results(rejected)
             self._apply_aborts()
+        preempted = self.batcher.num_preemptions
         work = self.batcher.schedule()
+        self.metrics.request_preempted.inc(self.batcher.num_preemptions - preempted)
         self.metrics.batch_size.set(len(work))
         if not work:
+            # Never a tight loop that starves the API: there is always an await per step.
+            await asyncio.sleep(0)
             return
         try:
             sampled = await asyncio.get_running_loop().run_in_executor(
@@ -154,7 +166,12 @@ class EngineLoop:
         seq.text.push(token)
         if seq.text.stopped:
             return "stop"
-        if seq.num_output >= params.max_tokens or len(seq.tokens) >= self.max_model_len:
+        if (
+            seq.num_output >= params.max_tokens
+            or len(seq.tokens) >= self.max_model_len
+            # A sequence alone must always fit the cache, or it could never be resumed.
+            or self.blocks.blocks_for(len(seq.tokens) + 1) > self.blocks.num_blocks
+        ):
             return "length"
         return None
 
@@ -163,6 +180,29 @@ class EngineLoop:
         output = seq.output([], "error")
         output.error, output.error_code = message, 500
         return output
+
+    def _fits(self, request: EngineRequest) -> bool:
+        # A request validated by another instance (work stealing) may be too big for this one;
+        # admitted anyway it would wait forever.
+        return (
+            request.prompt_len < self.max_model_len
+            and self.blocks.blocks_for(request.prompt_len + 1) <= self.blocks.num_blocks
+        )
+
+    def _reject(self, request: EngineRequest) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            token_ids=[],
+            finished=True,
+            finish_reason="error",
+            prompt_tokens=request.prompt_len,
+            error=(
+                f"the prompt ({request.prompt_len} tokens) does not fit this engine "
+                f"(context {self.max_model_len}, KV cache {self.blocks.num_blocks} blocks of "
+                f"{self.blocks.block_size})"
+            ),
+            error_code=400,
+        )
 
     def _apply_aborts(self) -> None:
         for ids, done in self._aborts:

@@ -30,7 +30,11 @@ from fdcore.engine.responses import (
 from fdcore.engine.serving import RequestStream
 from fdcore.types import EngineRequest, RequestOutput, SamplingParams
 
-_ERROR_TYPES = {503: "service_unavailable_error", 500: "internal_server_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    503: "service_unavailable_error",
+    500: "internal_server_error",
+}
 
 
 async def completions(request: Request) -> Response:

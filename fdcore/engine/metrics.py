@@ -51,6 +51,9 @@ class EngineMetrics:
         )
         self.requests_number = counter("requests_number", "Requests received")
         self.request_success = counter("request_success", "Requests finished without error")
+        self.request_preempted = counter(
+            "request_preempted", "Sequences preempted for lack of blocks (recomputed later)"
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens admitted")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.prefix_cache_queries = counter(

@@ -45,9 +45,9 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(scaled, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
-        drop = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
         scaled = scaled.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -14,15 +14,11 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 
 from fdcore.engine.app import Component, build_app, build_metrics_app
-from fdcore.engine.batcher import Batcher
-from fdcore.engine.block_manager import BlockManager
+from fdcore.engine.assembly import assemble
 from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig, describe
 from fdcore.engine.context import EngineContext
-from fdcore.engine.engine_loop import EngineLoop
 from fdcore.engine.loader import LoadedModel, load
-from fdcore.engine.metrics import EngineMetrics
 from fdcore.engine.registration import Registrar, advertised_ip, register_payload
-from fdcore.engine.serving import Serving
 from fdcore.errors import StartupError
 from fdcore.plugins import load_plugins
 from fdcore.registry import Component as Registered
@@ -76,32 +72,17 @@ async def _serve(
         sched_config,
         SchedulerContext(f"{host_ip}:{config.port}", host_ip, config.port, config.block_size),
     )
-    metrics = EngineMetrics()
-    blocks = BlockManager(model.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-    batcher = Batcher(
-        blocks, config.max_num_seqs, config.max_num_batched_tokens,
-        on_admit=lambda seq: metrics.on_admit(seq.prompt_len, seq.num_cached_tokens),
-    )
-    metrics.bind(
-        running=lambda: len(batcher.running), available_blocks=lambda: blocks.num_available,
-        free_blocks=lambda: blocks.num_free, used_blocks=lambda: blocks.num_used,
-        total_blocks=blocks.num_blocks, max_num_seqs=config.max_num_seqs,
-    )
-    engine = EngineLoop(
-        runner=model.runner, tokenizer=model.tokenizer, scheduler=scheduler, batcher=batcher,
-        metrics=metrics, eos_token_ids=model.eos_token_ids, max_model_len=model.max_model_len,
-        reserved_output_blocks=config.enc_dec_block_num,
-    )
-    serving = Serving(scheduler, engine, metrics)
+    parts = assemble(config, model, scheduler)
+    cache_tokens = parts.blocks.num_blocks * parts.blocks.block_size
     name = config.served_model_name or model.name
     ctx = EngineContext(
         model_name=name, served_names=frozenset({name, config.model, model.name}),
         tokenizer=model.tokenizer, vocab_size=model.runner.vocab_size,
-        max_model_len=model.max_model_len, cache_tokens=blocks.num_blocks * blocks.block_size,
-        serving=serving, scheduler=scheduler, metrics=metrics,
+        max_model_len=model.max_model_len, cache_tokens=cache_tokens,
+        serving=parts.serving, scheduler=scheduler, metrics=parts.metrics,
         instance_id=f"{host_ip}:{config.port}", max_body_bytes=config.max_request_bytes,
     )
-    components: list[Component] = [scheduler, engine, serving]
+    components: list[Component] = [parts.engine, parts.serving]
     if config.router:
         payload = register_payload(
             role=config.splitwise_role.value, host_ip=host_ip, port=config.port,
@@ -117,7 +98,13 @@ async def _serve(
     apps: list[tuple[Starlette, int]] = [(build_app(ctx, components), config.port)]
     if metrics_port != config.port:
         apps.append((build_metrics_app(ctx), metrics_port))
-    await _run_servers(config.host, apps)
+    # Started before the servers (not in their lifespan) so that a plugin's StartupError, such
+    # as an unreachable Redis, ends start-up with its one-line message.
+    await scheduler.start()
+    try:
+        await _run_servers(config.host, apps)
+    finally:
+        await scheduler.stop()
 
 
 async def _run_servers(host: str, apps: list[tuple[Starlette, int]]) -> None:

@@ -1,0 +1,164 @@
+"""``local``: an in-process FIFO between the engine's API server and its batcher.
+
+Follows FastDeploy's LocalScheduler: ``max-size`` caps the requests in flight (queued or
+running; -1 for no cap) and a full scheduler rejects a whole ``put_requests`` call; a request
+id already in flight is rejected as duplicated. Unlike FastDeploy, ``ttl`` eviction of queued
+requests always runs (not only above ``max-size``) and the evicted client gets an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from pydantic import Field
+
+import fdcore
+from fdcore.engine.admission import count_admissible
+from fdcore.registry import Register
+from fdcore.types import EngineRequest, RequestOutput, SchedulerContext, StrictModel
+
+
+class LocalConfig(StrictModel):
+    """``--scheduler-max-size`` and ``--scheduler-ttl``."""
+
+    max_size: int = Field(-1, ge=-1, description="requests in flight at most; -1: no limit")
+    ttl: float = Field(900.0, gt=0, description="seconds a request may wait in the queue")
+
+
+class LocalScheduler:
+    """Queues requests in this process and hands results straight back to the API side."""
+
+    name = "local"
+    Config = LocalConfig
+
+    def __init__(self, config: LocalConfig, context: SchedulerContext) -> None:
+        self.config = config
+        self.context = context
+        self._queue: OrderedDict[str, tuple[EngineRequest, float]] = OrderedDict()
+        self._in_flight: set[str] = set()
+        self._results: dict[str, list[RequestOutput]] = {}
+        self._queued = asyncio.Event()
+        self._has_results = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the ttl reaper."""
+        self._reaper = asyncio.create_task(self._reap(), name="local-scheduler-ttl")
+
+    async def stop(self) -> None:
+        """Stop the ttl reaper."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+
+    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[tuple[str, str | None]]:
+        """Enqueue; a full scheduler rejects them all, a duplicate id is rejected alone."""
+        max_size = self.config.max_size
+        if max_size > 0 and len(self._in_flight) + len(requests) > max_size:
+            reason = f"Exceeding the max length of the local scheduler (max_size={max_size})"
+            return [(r.request_id, reason) for r in requests]
+        outcome: list[tuple[str, str | None]] = []
+        now = time.monotonic()
+        for request in requests:
+            if request.request_id in self._in_flight:
+                outcome.append((request.request_id, "duplicated request_id"))
+                continue
+            self._in_flight.add(request.request_id)
+            self._queue[request.request_id] = (request, now)
+            outcome.append((request.request_id, None))
+        self._queued.set()
+        return outcome
+
+    async def get_requests(
+        self,
+        available_blocks: int,
+        block_size: int,
+        reserved_output_blocks: int,
+        max_num_batched_tokens: int,
+        batch: int = 1,
+        timeout: float = 0.0,
+    ) -> list[EngineRequest]:
+        """Take the queue's head while it fits (FastDeploy's admission rule)."""
+        if not self._queue and timeout > 0:
+            self._queued.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queued.wait(), timeout)
+        head = [request for request, _ in list(self._queue.values())[:batch]]
+        count = count_admissible(head, available_blocks, block_size, reserved_output_blocks, batch)
+        taken = head[:count]
+        for request in taken:
+            del self._queue[request.request_id]
+        return taken
+
+    async def put_results(self, results: Sequence[RequestOutput]) -> None:
+        """Keep outputs of requests still in flight; a finished one leaves the scheduler."""
+        for output in results:
+            if output.request_id not in self._in_flight:
+                continue  # aborted or expired meanwhile
+            self._results.setdefault(output.request_id, []).append(output)
+            if output.finished:
+                self._in_flight.discard(output.request_id)
+        if self._results:
+            self._has_results.set()
+
+    async def get_results(self, timeout: float = 0.0) -> dict[str, list[RequestOutput]]:
+        """Everything produced since the last call, waiting up to ``timeout`` for something."""
+        if not self._results and timeout > 0:
+            self._has_results.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._has_results.wait(), timeout)
+        results, self._results = self._results, {}
+        return results
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        """Forget these requests: dequeue them and drop their pending and future outputs."""
+        for rid in request_ids:
+            self._queue.pop(rid, None)
+            self._results.pop(rid, None)
+            self._in_flight.discard(rid)
+
+    async def get_unhandled_request_num(self) -> int:
+        """Requests queued and not yet taken by the engine."""
+        return len(self._queue)
+
+    async def _reap(self) -> None:
+        ttl = self.config.ttl
+        while True:
+            if not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            _, oldest = next(iter(self._queue.values()))
+            delay = oldest + ttl - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            deadline = time.monotonic() - ttl
+            expired = [rid for rid, (_, at) in self._queue.items() if at <= deadline]
+            await self.put_results([self._expired(rid) for rid in expired])
+            for rid in expired:
+                del self._queue[rid]
+
+    def _expired(self, request_id: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=request_id,
+            token_ids=[],
+            finished=True,
+            finish_reason="error",
+            error=(
+                f"request {request_id} waited in the local scheduler queue longer than its "
+                f"ttl ({self.config.ttl:g} s) and was dropped"
+            ),
+            error_code=503,
+        )
+
+
+@fdcore.hookimpl
+def fdcore_register_schedulers(register: Register) -> None:
+    """Register ``local``."""
+    register.add_scheduler(LocalScheduler)
