@@ -69,6 +69,9 @@ class EngineConfig(StrictModel):
     enc_dec_block_num: int = Field(2, ge=0, description="blocks reserved per admitted request")
     enable_prefix_caching: bool = Field(True, description="reuse cached prompt prefixes")
     device: Literal["cpu", "cuda"] = Field("cpu", description="where the model runs")
+    cpu_threads: int = Field(
+        0, ge=0, description="torch CPU threads (0: torch's default, one per core)"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights")
     served_model_name: str | None = Field(None, description="model name in the API")
     engine_worker_queue_port: int = Field(8002, ge=0, le=65535, description="registered only")

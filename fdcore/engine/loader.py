@@ -58,8 +58,13 @@ def load(config: EngineConfig) -> LoadedModel:
     """Load ``config.model`` with its KV cache sized by the config."""
     if config.model == SIM_MODEL:
         return _load_sim(config)
+    import torch
+
     from fdcore.engine.model import load_model
 
+    if config.cpu_threads:
+        # Engines sharing a machine should not each spin a thread per core.
+        torch.set_num_threads(config.cpu_threads)
     try:
         loaded: LoadedModel = load_model(
             config.model,

@@ -40,6 +40,7 @@ def _role(value: Any) -> Role:
 
 
 def _port(name: str, value: Any, required: bool = False) -> int:
+    """A port; optional ones may be absent, empty or 0, all meaning "not set" (0)."""
     if value is None or value == "":
         if required:
             raise PayloadError(f"{name}: required")
@@ -50,7 +51,7 @@ def _port(name: str, value: Any, required: bool = False) -> int:
         port = int(value)
     except ValueError:
         raise PayloadError(f"{name}: {value!r} is not a number") from None
-    if not 1 <= port <= 65535:
+    if not (1 if required else 0) <= port <= 65535:
         raise PayloadError(f"{name}: {port} is outside 1..65535")
     return port
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import ClassVar
 
 import aiohttp
@@ -42,7 +41,7 @@ class HttpHealthCheck:
             async with self._session.get(instance.url + self._endpoint) as resp:
                 await resp.read()
                 return resp.status == 200, f"HTTP {resp.status}"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False, "timed out"
         except aiohttp.ClientError as exc:
             return False, f"{type(exc).__name__}: {exc}"

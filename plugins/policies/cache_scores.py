@@ -87,8 +87,8 @@ def load_bound(loads: Sequence[float], load_factor: float) -> int:
     """Most load an instance may reach by taking the next request under bounded affinity.
 
     ``ceil(load_factor * (total + 1) / candidates)``: the mean load once the request is
-    placed, stretched by the factor. With a factor of at least 1 some candidate is always
-    within it, since not all of them can exceed the mean.
+    placed, stretched by the factor. With a factor of at least 1 and whole-number loads some
+    candidate is always within it, since not all of them can exceed the mean.
     """
     return math.ceil(load_factor * (sum(loads) + 1) / len(loads))
 
@@ -122,6 +122,10 @@ def choose_bounded(
     """
     limit = load_bound([s.load for s in states], config.load_factor)
     eligible = [i for i, s in enumerate(states) if s.load + 1 <= limit]
+    if not eligible:
+        # Only fractional (scraped) loads can leave no one within the bound: take the lightest.
+        lightest = min(s.load for s in states)
+        eligible = [i for i, s in enumerate(states) if s.load == lightest]
     floor = max(1.0, config.cache_threshold * 100)
     best = max(states[i].hit for i in eligible)
     keys: list[tuple[float, ...]]

@@ -21,7 +21,7 @@ class MetricsScoreConfig(StrictModel):
 
 
 class FdMetricsScorePolicy(LeastLoadPolicy):
-    """Argmin of ``running + waiting * waiting-weight``; the first in url order wins ties.
+    """Argmin of ``running + waiting * waiting-weight``; tied candidates take turns.
 
     From the router's side ``running`` is the request counter and ``waiting`` is 0: the router
     cannot tell a request the engine is running from one it has queued without knowing the

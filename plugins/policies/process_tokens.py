@@ -10,7 +10,7 @@ from .least_load import LeastLoadPolicy
 
 
 class ProcessTokensPolicy(LeastLoadPolicy):
-    """Argmin of the router's token counter; the first in url order wins ties.
+    """Argmin of the router's token counter; tied candidates take turns.
 
     FastDeploy's default prefill policy: prefill cost grows with prompt length, so in-flight
     prompt tokens predict the wait better than a request count.

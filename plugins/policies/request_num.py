@@ -10,7 +10,7 @@ from .least_load import LeastLoadPolicy
 
 
 class RequestNumPolicy(LeastLoadPolicy):
-    """Argmin of the router's request counter; the first in url order wins ties.
+    """Argmin of the router's request counter; tied candidates take turns.
 
     FastDeploy's default mixed and decode policy.
     """

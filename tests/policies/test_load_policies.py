@@ -44,6 +44,21 @@ async def test_argmin_policies_are_deterministic(name: str, counter: Any, pairs:
     assert chosen is instances[first_argmin([counter(i) for i in instances])]
 
 
+@pytest.mark.parametrize("name", ["process_tokens", "request_num", "fd_metrics_score"])
+async def test_argmin_ties_take_turns(name: str) -> None:
+    # All idle (sequential traffic): FastDeploy would send everything to the first url.
+    instances = with_loads([(0, 0), (0, 0), (0, 0)])
+    policy = build_policy(name, instances)
+    chosen = [await policy.select(request("hello"), instances) for _ in range(6)]
+    assert chosen == instances * 2
+    # A strictly lower load still wins outright.
+    instances[1].load.requests = instances[1].load.tokens = 5
+    instances[2].load.requests = instances[2].load.tokens = 5
+    assert {id(await policy.select(request("x"), instances)) for _ in range(3)} == {
+        id(instances[0])
+    }
+
+
 def test_fd_metrics_score_takes_waiting_weight() -> None:
     policy = build_policy("fd_metrics_score", make_instances(1), {"waiting-weight": 10})
     assert policy.config.waiting_weight == 10

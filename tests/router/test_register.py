@@ -70,8 +70,9 @@ async def test_unreachable_instance_is_refused(router: RouterFactory) -> None:
          "transfer_protocol: unknown carrier"),
         ({"role": "mixed", "host_ip": "127.0.0.1", "port": 1, "rdma_ports": {"a": 1}},
          "rdma_ports: must be a list"),
-        ({"role": "mixed", "host_ip": "127.0.0.1", "port": 1, "metrics_port": 0},
-         "metrics_port: 0 is outside"),
+        ({"role": "mixed", "host_ip": "127.0.0.1", "port": 1, "metrics_port": -5},
+         "metrics_port: -5 is outside"),
+        ({"role": "mixed", "host_ip": "127.0.0.1", "port": 0}, "port: 0 is outside"),
         ([1, 2], "body must be a JSON object"),
     ],
 )

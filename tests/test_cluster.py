@@ -1,0 +1,104 @@
+"""Router and engines together: engines register themselves, the router routes to them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from fdcore.engine.model.fetch import SMOLLM2_FILE, default_models_dir
+from fdcore.testing import ServerProcess, free_port
+from fdcore.testing.cluster import Router, RouterFactory, wait_until
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _engine(router: Router, model: str, *flags: str) -> ServerProcess:
+    port = free_port()
+    argv = [sys.executable, "-m", "fdcore", "engine", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--router", f"127.0.0.1:{router.port}",
+            "--register-interval", "0.5", *flags]
+    return ServerProcess(argv, ready_url=f"http://127.0.0.1:{port}/health",
+                         ready_timeout=120).start()
+
+
+@pytest.fixture
+def cluster(router: RouterFactory) -> Iterator[tuple[Router, list[ServerProcess]]]:
+    """A router with two sim engines that registered themselves."""
+    r = router(scheduler={"policy": "request_num"})
+    engines = [_engine(r, "sim") for _ in range(2)]
+    yield r, engines
+    for engine in engines:
+        engine.stop()
+
+
+async def test_engines_register_and_serve_through_the_router(cluster) -> None:
+    r, _ = cluster
+    await r.wait_healthy(2)
+    listing = await r.instances()
+    assert {w["worker_type"] for w in listing} == {"mixed"}
+    client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
+    try:
+        served = set()
+        for _ in range(4):
+            completion = await client.completions.with_raw_response.create(
+                model="sim", prompt="a shared prompt for the engines", max_tokens=4
+            )
+            served.add(completion.headers["x-router-instance-url"])
+            body = completion.parse()
+            assert body.usage is not None and body.usage.completion_tokens == 4
+        assert len(served) == 2
+        stream = await client.chat.completions.create(
+            model="sim", messages=QUESTION, max_tokens=5, stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    finally:
+        await client.close()
+
+
+async def test_a_stopped_engine_leaves_selection_and_a_restarted_one_returns(cluster) -> None:
+    r, engines = cluster
+    await r.wait_healthy(2)
+    engines[0].stop()
+
+    async def one_healthy() -> bool:
+        return sum(1 for w in await r.instances() if w["healthy"]) == 1
+
+    await wait_until(one_healthy)
+    status, body, _ = await r.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 200, body
+
+
+def _smollm2() -> Path:
+    path = default_models_dir() / SMOLLM2_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: run `fdcore models pull` (the README's commands do)")
+    return path
+
+
+async def test_smollm2_answers_paris_through_the_router(router: RouterFactory) -> None:
+    model = _smollm2()
+    r = router()
+    engine = _engine(r, str(model), "--cpu-threads", "1")
+    try:
+        await r.wait_healthy(1, timeout=120)
+        client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
+        try:
+            answer = await client.chat.completions.create(
+                model=model.stem, messages=QUESTION, max_tokens=16, temperature=0
+            )
+            assert "Paris" in (answer.choices[0].message.content or "")
+            stream = await client.chat.completions.create(
+                model=model.stem, messages=QUESTION, max_tokens=16, temperature=0, stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            assert "Paris" in text
+        finally:
+            await client.close()
+    finally:
+        engine.stop()
