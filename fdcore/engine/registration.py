@@ -15,6 +15,7 @@ import aiohttp
 import structlog
 
 import fdcore
+from fdcore.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -85,10 +86,7 @@ class Registrar:
 
     async def stop(self) -> None:
         """Stop registering."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 
 import structlog
 
 from fdcore.config import ManagerConfig
 from fdcore.router.instances import InstanceRegistry
+from fdcore.tasks import cancel_and_wait
 from fdcore.types import HealthCheck, Instance
 
 log = structlog.get_logger("fdcore.health")
@@ -51,10 +51,7 @@ class HealthManager:
 
     async def stop(self) -> None:
         """Stop the loop and the check plugin."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self.check.stop()
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
 from fdcore.router.instances import InstanceRegistry
+from fdcore.tasks import cancel_and_wait
 
 log = structlog.get_logger("fdcore.stats")
 
@@ -26,10 +26,7 @@ class StatsLogger:
 
     async def stop(self) -> None:
         """Stop the loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def snapshot(self) -> dict[str, int]:
         """In-flight requests per instance url."""

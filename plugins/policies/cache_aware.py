@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from typing import ClassVar
@@ -13,6 +12,7 @@ from pydantic import Field
 import fdcore
 from fdcore.policies import BasePolicy
 from fdcore.registry import Register
+from fdcore.tasks import cancel_and_wait
 from fdcore.types import Instance, PolicyContext, RouteRequest, StrictModel
 
 from .block_hashes import block_hashes
@@ -77,11 +77,8 @@ class CacheAwarePolicy(BasePolicy):
 
     async def stop(self) -> None:
         """Stop the sweep and close the tokenizer client."""
-        if self._evictor is not None:
-            self._evictor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._evictor
-            self._evictor = None
+        await cancel_and_wait(self._evictor)
+        self._evictor = None
         if self._tokenizer is not None:
             await self._tokenizer.stop()
         await super().stop()

@@ -8,7 +8,6 @@ sample older than ``metrics-max-age-secs`` is ignored the same way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field
 
+from fdcore.tasks import cancel_and_wait
 from fdcore.types import Instance, PolicyContext, StrictModel
 
 from .policy_metrics import PolicyMetrics
@@ -126,11 +126,8 @@ class MetricsScraper:
 
     async def stop(self) -> None:
         """Stop scraping and close the HTTP client."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -19,6 +19,7 @@ from pydantic import Field
 import fdcore
 from fdcore.engine.admission import count_admissible
 from fdcore.registry import Register
+from fdcore.tasks import cancel_and_wait
 from fdcore.types import EngineRequest, RequestOutput, SchedulerContext, StrictModel
 
 
@@ -51,10 +52,7 @@ class LocalScheduler:
 
     async def stop(self) -> None:
         """Stop the ttl reaper."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await cancel_and_wait(self._reaper)
 
     async def put_requests(self, requests: Sequence[EngineRequest]) -> list[tuple[str, str | None]]:
         """Enqueue; a full scheduler rejects them all, a duplicate id is rejected alone."""
