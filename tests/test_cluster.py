@@ -2,44 +2,24 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from fdcore.engine.model.fetch import SMOLLM2_FILE, default_models_dir
-from fdcore.testing import ServerProcess, free_port
-from fdcore.testing.cluster import Router, RouterFactory, wait_until
+from fdcore.testing.cluster import EngineFactory, RouterFactory, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def _engine(router: Router, model: str, *flags: str) -> ServerProcess:
-    port = free_port()
-    argv = [sys.executable, "-m", "fdcore", "engine", "--model", model, "--host", "127.0.0.1",
-            "--port", str(port), "--router", f"127.0.0.1:{router.port}",
-            "--register-interval", "0.5", *flags]
-    return ServerProcess(argv, ready_url=f"http://127.0.0.1:{port}/health",
-                         ready_timeout=120).start()
-
-
-@pytest.fixture
-def cluster(router: RouterFactory) -> Iterator[tuple[Router, list[ServerProcess]]]:
-    """A router with two sim engines that registered themselves."""
+async def test_engines_register_and_serve_through_the_router(
+    router: RouterFactory, engines: EngineFactory
+) -> None:
     r = router(scheduler={"policy": "request_num"})
-    engines = [_engine(r, "sim") for _ in range(2)]
-    yield r, engines
-    for engine in engines:
-        engine.stop()
-
-
-async def test_engines_register_and_serve_through_the_router(cluster) -> None:
-    r, _ = cluster
+    engines(2, router=r)
     await r.wait_healthy(2)
-    listing = await r.instances()
-    assert {w["worker_type"] for w in listing} == {"mixed"}
+    assert {w["worker_type"] for w in await r.instances()} == {"mixed"}
     client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
     try:
         served = set()
@@ -61,17 +41,21 @@ async def test_engines_register_and_serve_through_the_router(cluster) -> None:
         await client.close()
 
 
-async def test_a_stopped_engine_leaves_selection_and_a_restarted_one_returns(cluster) -> None:
-    r, engines = cluster
+async def test_a_stopped_engine_leaves_selection(
+    router: RouterFactory, engines: EngineFactory
+) -> None:
+    r = router()
+    first, _ = engines(2, router=r)
     await r.wait_healthy(2)
-    engines[0].stop()
+    first.proc.stop()
 
     async def one_healthy() -> bool:
         return sum(1 for w in await r.instances() if w["healthy"]) == 1
 
     await wait_until(one_healthy)
-    status, body, _ = await r.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
-    assert status == 200, body
+    for _ in range(3):
+        status, body, _ = await r.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 200, body
 
 
 def _smollm2() -> Path:
@@ -81,24 +65,23 @@ def _smollm2() -> Path:
     return path
 
 
-async def test_smollm2_answers_paris_through_the_router(router: RouterFactory) -> None:
+async def test_smollm2_answers_paris_through_the_router(
+    router: RouterFactory, engines: EngineFactory
+) -> None:
     model = _smollm2()
     r = router()
-    engine = _engine(r, str(model), "--cpu-threads", "1")
+    engines(1, router=r, model=str(model), flags=["--cpu-threads", "1"])
+    await r.wait_healthy(1, timeout=120)
+    client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
     try:
-        await r.wait_healthy(1, timeout=120)
-        client = openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key="unused", max_retries=0)
-        try:
-            answer = await client.chat.completions.create(
-                model=model.stem, messages=QUESTION, max_tokens=16, temperature=0
-            )
-            assert "Paris" in (answer.choices[0].message.content or "")
-            stream = await client.chat.completions.create(
-                model=model.stem, messages=QUESTION, max_tokens=16, temperature=0, stream=True
-            )
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-            assert "Paris" in text
-        finally:
-            await client.close()
+        answer = await client.chat.completions.create(
+            model=model.stem, messages=QUESTION, max_tokens=16, temperature=0
+        )
+        assert "Paris" in (answer.choices[0].message.content or "")
+        stream = await client.chat.completions.create(
+            model=model.stem, messages=QUESTION, max_tokens=16, temperature=0, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert "Paris" in text
     finally:
-        engine.stop()
+        await client.close()

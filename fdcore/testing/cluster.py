@@ -161,3 +161,64 @@ class BackendFactory:
         """Stop every backend this factory started."""
         for backend in self.started:
             backend.proc.stop()
+
+
+# Fast simulated steps: tests finish quickly, yet a long request still runs while a test acts.
+FAST_SIM_PROFILE = {
+    "prefill-seconds-per-token": 0.0,
+    "decode-seconds-per-step": 0.002,
+    "decode-seconds-per-seq": 0.0,
+}
+
+
+class EngineHandle:
+    """A running ``fdcore engine`` process."""
+
+    def __init__(self, proc: ServerProcess, port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def payload(self, **extra: Any) -> dict[str, Any]:
+        """A register payload for this engine (for ``router(instances=...)``)."""
+        return {"role": "mixed", "host_ip": "127.0.0.1", "port": self.port, **extra}
+
+
+class EngineFactory:
+    """Starts ``fdcore engine`` processes: ``--model sim`` with a fast profile by default.
+
+    ``engines(n, router=r)`` makes them register with (and heartbeat to) router ``r``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[EngineHandle] = []
+        self.profile = directory / "sim-profile.yaml"
+        self.profile.write_text(yaml.safe_dump(FAST_SIM_PROFILE))
+
+    def __call__(
+        self, n: int = 1, *, router: Router | None = None, model: str = "sim",
+        flags: list[str] | None = None, ready_timeout: float = 120,
+    ) -> list[EngineHandle]:
+        new = []
+        for _ in range(n):
+            port = free_port()
+            argv = [sys.executable, "-m", "fdcore", "engine", "--model", model,
+                    "--host", "127.0.0.1", "--port", str(port), *(flags or [])]
+            if model == "sim":
+                argv += ["--sim-profile", str(self.profile)]
+            if router is not None:
+                argv += ["--router", f"127.0.0.1:{router.port}", "--register-interval", "0.5"]
+            proc = ServerProcess(argv, ready_url=f"http://127.0.0.1:{port}/health",
+                                 ready_timeout=ready_timeout)
+            handle = EngineHandle(proc, port)
+            self.started.append(handle)
+            new.append(handle)
+        for handle in new:
+            handle.proc.start()
+        return new
+
+    def stop_all(self) -> None:
+        """Stop every engine this factory started."""
+        for handle in self.started:
+            handle.proc.stop()

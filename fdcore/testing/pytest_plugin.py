@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fdcore.plugins import PluginSet, load_plugins
-from fdcore.testing.cluster import BackendFactory, RouterFactory
+from fdcore.testing.cluster import BackendFactory, EngineFactory, RouterFactory
 from fdcore.testing.processes import free_port
 
 
@@ -36,5 +36,14 @@ def backends() -> Iterator[BackendFactory]:
 def router(tmp_path: Path) -> Iterator[RouterFactory]:
     """``router(instances, **sections)`` starts ``fdcore serve``; all stop after the test."""
     factory = RouterFactory(tmp_path)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[EngineFactory]:
+    """``engines(n, router=r)`` starts n ``fdcore engine --model sim`` processes (registered
+    with router ``r`` if given); all stop after the test."""
+    factory = EngineFactory(tmp_path)
     yield factory
     factory.stop_all()
