@@ -1,7 +1,7 @@
 """Routing quality: prefix-cache hit rate, load spread and TTFT per routing policy.
 
-Replays multi-turn chat sessions through a router in front of simulated instances that keep a
-real prefix cache (``prefix_cache_server.py``) and compares:
+Replays multi-turn chat sessions through a router in front of instances that keep a prefix
+cache and compares:
 
 * fdcore (``fdcore serve``, FastDeploy config.yaml + register.yaml) with ``scheduler.policy``
   set to each of ``--policies`` (default round_robin, request_num, cache_aware) and each
@@ -16,12 +16,22 @@ sessions started in a seeded random order. Every request streams; TTFT is measur
 client (first content chunk), hit rate is ``sum(cached_tokens) / sum(prompt_tokens)`` from
 the usage the instances report, and spread is the requests each instance served.
 
+Instances (``--instance-kind``, see ``routing_instances.py``): ``model`` (default) runs
+``prefix_cache_server.py``, test servers whose prefix cache (LRU over 32-character blocks) and
+timing model an engine's; ``sim`` runs ``fdcore engine --model sim`` processes, the real engine
+(scheduler, continuous batcher, block manager, prefix cache over full blocks of its byte-level
+tokens) with a model runner that sleeps ``--sim-prefill-us`` per uncached prompt token and
+``--sim-step-ms`` per step. The sim engines are restarted for every target, so each starts
+cold; their profile YAML and logs go to ``benchmarks/out/routing_quality/``.
+
 ``--variant POLICY JSON`` adds an fdcore target with its own scheduler options (e.g.
 ``--variant cache_aware '{"load-factor": 0}'``); ``--repeat N`` runs every target N times,
 interleaved, and reports the median and range of each figure.
 
-Run: ``.venv/bin/python benchmarks/routing_quality.py`` (about a minute per repeat). Writes
-``benchmarks/out/routing_quality.json`` (or ``--output``) with every run.
+Run: ``.venv/bin/python benchmarks/routing_quality.py`` (about a minute per repeat with six
+targets, either kind). Every process it starts is stopped when it ends, also on an error,
+Ctrl-C or SIGTERM. Writes ``benchmarks/out/routing_quality.json`` (or ``--output``) with every
+run.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import sys
 import time
@@ -41,6 +52,7 @@ from typing import Any
 import aiohttp
 from benchlib import ManagedProcess, free_port, http_request, wait_until
 from router_overhead import NO_EGRESS_ENV, fdcore_bin
+from routing_instances import MODEL, Instances, ModelInstances, SimInstances, SimSettings
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -69,7 +81,17 @@ class Workload:
     hot_group_share: float = 0.0
 
 
-WORKLOAD_HELP = {"hot_group_share": "share of sessions on group 0's system prompt (skewed mix)"}
+WORKLOAD_HELP = {
+    "groups": "system prompts",
+    "sessions": "chat sessions, spread over the groups",
+    "turns": "requests per session",
+    "system_chars": "characters per system prompt",
+    "user_chars": "characters per user message",
+    "reply_chars": "characters per assistant reply in the history",
+    "concurrency": "sessions in flight at once",
+    "seed": "random seed of texts and session order",
+    "hot_group_share": "share of sessions on group 0's system prompt (skewed mix)",
+}
 
 
 @dataclass
@@ -85,6 +107,7 @@ class Outcome:
     ttft_p99_ms: float = 0.0
     per_instance: list[int] = field(default_factory=list)
     wall_s: float = 0.0
+    instance_stats: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -133,7 +156,7 @@ def sessions(w: Workload) -> list[list[dict[str, Any]]]:
             history.append({"role": "user", "content": user})
             bodies.append(
                 {
-                    "model": "prefix-cache-sim",
+                    "model": MODEL,
                     "messages": list(history),
                     "max_tokens": 8,
                     "stream": True,
@@ -147,7 +170,11 @@ def sessions(w: Workload) -> list[list[dict[str, Any]]]:
 
 
 async def replay(url: str, w: Workload) -> tuple[list[dict[str, Any]], int, float]:
-    """Send the workload; return per-request records, the error count and the wall time."""
+    """Send the workload; return per-request records, the error count and the wall time.
+
+    TTFT is the time to the first chunk that carries generated text (an engine may send an
+    empty role-only chunk first); the token counts come from the final usage chunk.
+    """
     records: list[dict[str, Any]] = []
     errors = 0
     gate = asyncio.Semaphore(w.concurrency)
@@ -156,7 +183,7 @@ async def replay(url: str, w: Workload) -> tuple[list[dict[str, Any]], int, floa
     async def one(http: aiohttp.ClientSession, body: dict[str, Any]) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         ttft = None
-        usage = instance = None
+        usage = None
         async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
             if resp.status != 200:
                 await resp.read()
@@ -166,19 +193,13 @@ async def replay(url: str, w: Workload) -> tuple[list[dict[str, Any]], int, floa
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
-                if ttft is None and chunk.get("choices"):
+                if ttft is None and any(generated(c) for c in chunk.get("choices") or []):
                     ttft = time.perf_counter() - t0
                 usage = chunk.get("usage") or usage
-                instance = chunk.get("system_fingerprint") or instance
         if ttft is None or usage is None:
             return None
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        return {
-            "ttft": ttft,
-            "prompt": usage["prompt_tokens"],
-            "cached": cached,
-            "instance": instance,
-        }
+        return {"ttft": ttft, "prompt": usage["prompt_tokens"], "cached": cached}
 
     async def session(http: aiohttp.ClientSession, bodies: list[dict[str, Any]]) -> None:
         nonlocal errors
@@ -199,17 +220,22 @@ async def replay(url: str, w: Workload) -> tuple[list[dict[str, Any]], int, floa
     return records, errors, time.perf_counter() - start
 
 
+def generated(choice: dict[str, Any]) -> bool:
+    """Whether a streamed choice carries generated text (chat delta or completion text)."""
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or choice.get("text"))
+
+
 def summarize(
     target: str,
     launch: str,
     records: list[dict[str, Any]],
     errors: int,
     wall: float,
-    ports: Sequence[int],
+    per: list[int],
 ) -> Outcome:
-    """Hit rate, TTFT percentiles and per-instance counts of one run."""
+    """Hit rate, TTFT percentiles and the per-instance request counts of one run."""
     ttfts = sorted(r["ttft"] * 1e3 for r in records)
-    per = [sum(1 for r in records if r["instance"] == str(p)) for p in ports]
     prompt = sum(r["prompt"] for r in records)
     return Outcome(
         target,
@@ -261,7 +287,7 @@ def sglang_router(venv: Path, ports: Sequence[int], port: int, run_dir: Path) ->
 def wait_ready(proc: ManagedProcess, url: str) -> None:
     """Wait until a short chat request goes through the router."""
     probe = {
-        "model": "prefix-cache-sim",
+        "model": MODEL,
         "max_tokens": 1,
         "messages": [{"role": "user", "content": "ping"}],
     }
@@ -272,30 +298,36 @@ def wait_ready(proc: ManagedProcess, url: str) -> None:
     wait_until(answers, f"{proc.name} routes a request", 90, proc, 0.25)
 
 
-def reset(ports: Sequence[int]) -> None:
-    """Empty every instance's cache and counters."""
-    for p in ports:
-        status, _ = http_request(f"http://127.0.0.1:{p}/reset", {}, timeout=5)
-        if status != 200:
-            raise RuntimeError(f"instance {p} did not reset (HTTP {status})")
+def run_target(target: Target, instances: Instances, args: argparse.Namespace) -> Outcome:
+    """Fresh instances, then start the target's router, replay the workload through it, stop it.
 
-
-def run_target(
-    name: str, proc: ManagedProcess, port: int, ports: Sequence[int], w: Workload
-) -> Outcome:
-    """Start a router, replay the workload through it, stop it."""
+    Every figure counts the replayed requests only: the per-instance counts are the
+    difference of the instances' own counters across the replay.
+    """
+    ports = instances.fresh()
+    port = free_port()
+    run_dir = instances.run_dir
+    if target.policy:
+        proc = fdcore_router(target, ports, port, run_dir)
+    else:
+        proc = sglang_router(args.peers_venv, ports, port, run_dir)
     url = f"http://127.0.0.1:{port}"
     proc.start()
     try:
         wait_ready(proc, url)
-        reset(ports)
-        records, errors, wall = asyncio.run(replay(url, w))
+        before = instances.served()
+        records, errors, wall = asyncio.run(replay(url, args.workload))
+        after = instances.served()
+        stats = instances.stats()
     except Exception:
-        print(proc.log_tail(), file=sys.stderr)
+        print(proc.log_tail(), instances.log_tail(), sep="\n", file=sys.stderr)
         raise
     finally:
         proc.stop()
-    return summarize(name, " ".join(proc.argv), records, errors, wall, ports)
+    per = [a - b for a, b in zip(after, before, strict=True)]
+    outcome = summarize(target.label, " ".join(proc.argv), records, errors, wall, per)
+    outcome.instance_stats = stats
+    return outcome
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
@@ -349,10 +381,47 @@ def parse_targets(args: argparse.Namespace) -> list[Target]:
     return targets
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run every target on the same instances ``--repeat`` times and print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--instances", type=int, default=4)
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM and SIGHUP into SystemExit, so the ``finally`` blocks stop every process."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGHUP, leave)
+
+
+def make_instances(args: argparse.Namespace, run_dir: Path) -> Instances:
+    """The ``--instance-kind`` instances (the ``model`` servers start at once)."""
+    if args.instance_kind == "model":
+        return ModelInstances(args.instances, run_dir, args.capacity_blocks)
+    binary = fdcore_bin()
+    if binary is None:
+        raise RuntimeError("fdcore console script not found")
+    settings = SimSettings(
+        prefill_seconds_per_token=args.sim_prefill_us / 1e6,
+        decode_seconds_per_step=args.sim_step_ms / 1e3,
+        decode_seconds_per_seq=args.sim_seq_ms / 1e3,
+        block_size=args.sim_block_size,
+        num_gpu_blocks=args.sim_num_gpu_blocks,
+        max_num_seqs=args.sim_max_num_seqs,
+    )
+    return SimInstances(args.instances, run_dir, binary, settings)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; ``args.workload`` holds the Workload."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--instances", type=int, default=4, help="number of instances")
+    parser.add_argument(
+        "--instance-kind",
+        choices=("model", "sim"),
+        default="model",
+        help="model: prefix_cache_server.py test servers; sim: fdcore engine --model sim",
+    )
     parser.add_argument(
         "--policies",
         default="round_robin,request_num,cache_aware",
@@ -369,60 +438,87 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="one more fdcore target: a policy with these scheduler options (repeatable)",
     )
     parser.add_argument("--no-sglang", action="store_true", help="skip sglang-router")
-    parser.add_argument("--peers-venv", type=Path, default=HERE / ".venv-peers")
+    parser.add_argument(
+        "--peers-venv", type=Path, default=HERE / ".venv-peers", help="sglang-router's venv"
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="run every target this many times, interleaved"
     )
-    parser.add_argument(
+    model = parser.add_argument_group("--instance-kind model")
+    model.add_argument(
         "--capacity-blocks",
         type=int,
         default=2000,
         help="prefix cache per instance, in 32-character blocks",
     )
+    sim = parser.add_argument_group("--instance-kind sim (engine flags and sim profile)")
+    d = SimSettings()
+    sim.add_argument(
+        "--sim-prefill-us",
+        type=float,
+        default=d.prefill_seconds_per_token * 1e6,
+        help="microseconds per prefilled (uncached) prompt token",
+    )
+    sim.add_argument(
+        "--sim-step-ms",
+        type=float,
+        default=d.decode_seconds_per_step * 1e3,
+        help="milliseconds per engine step",
+    )
+    sim.add_argument(
+        "--sim-seq-ms",
+        type=float,
+        default=d.decode_seconds_per_seq * 1e3,
+        help="milliseconds per decoding sequence in a step",
+    )
+    sim.add_argument(
+        "--sim-block-size", type=int, default=d.block_size, help="tokens per KV-cache block"
+    )
+    sim.add_argument(
+        "--sim-num-gpu-blocks",
+        type=int,
+        default=d.num_gpu_blocks,
+        help="KV-cache blocks per engine (running sequences and prefix cache together)",
+    )
+    sim.add_argument(
+        "--sim-max-num-seqs", type=int, default=d.max_num_seqs, help="batch size limit"
+    )
+    workload = parser.add_argument_group("workload")
     for f in fields(Workload):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-            help=WORKLOAD_HELP.get(f.name),
+        workload.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=WORKLOAD_HELP[f.name],
         )
     parser.add_argument(
         "--output", type=Path, default=OUT / "routing_quality.json", help="JSON report path"
     )
     args = parser.parse_args(argv)
-    w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    args.workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every target on the same instances ``--repeat`` times and print the tables."""
+    args = parse_args(argv)
+    stop_on_sigterm()
     targets = parse_targets(args)
     run_dir = OUT / "routing_quality"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ports = [free_port() for _ in range(args.instances)]
-    server_argv = [sys.executable, str(HERE / "prefix_cache_server.py")]
-    server_argv += ["--ports", ",".join(map(str, ports))]
-    server_argv += ["--capacity-blocks", str(args.capacity_blocks)]
-    server = ManagedProcess("instances", server_argv, run_dir / "instances.log").start()
     runs: list[list[Outcome]] = []
-    try:
-        wait_until(
-            lambda: all(http_request(f"http://127.0.0.1:{p}/health")[0] == 200 for p in ports),
-            "instances answer /health",
-            30,
-            server,
-        )
+    with make_instances(args, run_dir) as instances:
         # Interleaved (all targets, then all again) so slow spells of a shared machine
         # fall on every target alike.
         for _ in range(args.repeat):
             runs.append([])
             for target in targets:
-                port = free_port()
-                if target.policy:
-                    proc = fdcore_router(target, ports, port, run_dir)
-                else:
-                    proc = sglang_router(args.peers_venv, ports, port, run_dir)
-                runs[-1].append(run_target(target.label, proc, port, ports, w))
+                runs[-1].append(run_target(target, instances, args))
                 print(table(runs[-1][-1:]).splitlines()[-1], flush=True)
-    finally:
-        server.stop()
+        described = instances.describe()
     report = {
-        "workload": asdict(w),
-        "instances": args.instances,
-        "capacity_blocks": args.capacity_blocks,
+        "workload": asdict(args.workload),
+        "instances": described,
         "command": " ".join(["benchmarks/routing_quality.py", *(argv or sys.argv[1:])]),
         "targets": [asdict(t) | {"label": t.label} for t in targets],
         "runs": [[asdict(o) for o in run] for run in runs],
