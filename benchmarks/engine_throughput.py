@@ -23,6 +23,7 @@ import torch
 from fdcore.engine.assembly import EngineParts, assemble
 from fdcore.engine.config import EngineConfig
 from fdcore.engine.loader import LoadedModel, load
+from fdcore.engine.torch_thread import on_torch_thread
 from fdcore.plugins import load_plugins
 from fdcore.types import EngineRequest, SamplingParams, SchedulerContext
 
@@ -139,11 +140,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig.model_validate({"model": str(MODEL), "block-size": 16,
                                           "num-gpu-blocks": 2048})
-    model = load(config)
+    # Both sides run on the engine's torch thread: one OpenMP team for the process (see
+    # fdcore/engine/torch_thread.py), so neither pays for the other's idle team.
+    model = on_torch_thread(load, config)
     print(f"load average before: {os.getloadavg()[0]:.2f}, torch threads: "
           f"{torch.get_num_threads()}")
     ours = asyncio.run(fdcore_rates(model, config, batches, args.tokens))
-    theirs = transformers_rates(model, batches, args.tokens)
+    theirs = on_torch_thread(transformers_rates, model, batches, args.tokens)
     print("| concurrent requests | fdcore tokens/s | transformers tokens/s |")
     print("|---|---|---|")
     for batch in batches:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
@@ -19,6 +18,7 @@ from fdcore.engine.metrics import EngineMetrics
 from fdcore.engine.runner import ModelRunner, SeqInput, Tokenizer
 from fdcore.engine.sampling import sample
 from fdcore.engine.sequence import Sequence as Seq
+from fdcore.engine.torch_thread import torch_executor
 from fdcore.types import EngineRequest, RequestOutput, Scheduler
 
 log = structlog.get_logger(__name__)
@@ -52,7 +52,7 @@ class EngineLoop:
         self.max_model_len = max_model_len
         self.reserved_output_blocks = reserved_output_blocks
         self._aborts: list[tuple[set[str], asyncio.Future[None]]] = []
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fdcore-forward")
+        self._executor = torch_executor()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -64,7 +64,6 @@ class EngineLoop:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def abort(self, request_ids: Iterable[str]) -> None:
         """Drop these sequences and free their blocks; returns once that is done."""

@@ -19,6 +19,7 @@ from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig, describe
 from fdcore.engine.context import EngineContext
 from fdcore.engine.loader import LoadedModel, load
 from fdcore.engine.registration import Registrar, advertised_ip, register_payload
+from fdcore.engine.torch_thread import on_torch_thread
 from fdcore.errors import StartupError
 from fdcore.plugins import load_plugins
 from fdcore.registry import Component as Registered
@@ -52,7 +53,7 @@ def serve(config: EngineConfig, options: dict[str, Any], origin: dict[str, str])
     plugins = load_plugins(config.plugins, config.block_plugins)
     component = plugins.registry.get("scheduler", config.scheduler_name)
     sched_config = scheduler_config(component, options, origin)
-    model = load(config)
+    model = on_torch_thread(load, config)
     if model.runner.num_blocks <= config.enc_dec_block_num:
         raise StartupError(
             f"the KV cache has {model.runner.num_blocks} blocks; it needs more than "
