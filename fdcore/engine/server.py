@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from typing import Any
 
 import structlog
@@ -53,7 +54,11 @@ def serve(config: EngineConfig, options: dict[str, Any], origin: dict[str, str])
     plugins = load_plugins(config.plugins, config.block_plugins)
     component = plugins.registry.get("scheduler", config.scheduler_name)
     sched_config = scheduler_config(component, options, origin)
+    log.info("engine.loading", model=config.model, device=config.device)
+    started = time.perf_counter()
     model = on_torch_thread(load, config)
+    log.info("engine.loaded", model=model.name, seconds=round(time.perf_counter() - started, 1),
+             kv_blocks=model.runner.num_blocks)
     if model.runner.num_blocks <= config.enc_dec_block_num:
         raise StartupError(
             f"the KV cache has {model.runner.num_blocks} blocks; it needs more than "

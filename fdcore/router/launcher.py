@@ -41,6 +41,21 @@ class Launcher:
         for index, entry in enumerate(self.config.launch):
             name = entry.name or f"engine-{index}"
             self._tasks.append(asyncio.create_task(self._supervise(name, entry), name=name))
+        if self.config.launch:
+            print(self.hint(), flush=True)
+
+    def hint(self) -> str:
+        """What to try once the engines have registered."""
+        host = self.config.server.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        body = ('{"messages":[{"role":"user","content":"What is the capital of France?"}],'
+                '"max_tokens":32,"temperature":0}')
+        return (
+            f"fdcore: {len(self.config.launch)} engines are loading; each joins the router "
+            f"('instance registered') when ready. Then try:\n"
+            f"  curl -s http://{host}:{self.config.server.port}/v1/chat/completions "
+            f"-H 'content-type: application/json' -d '{body}'"
+        )
 
     async def stop(self) -> None:
         """Terminate the engines and wait for them."""
