@@ -113,7 +113,7 @@ class RouterFactory:
 
     def __call__(
         self, instances: list[Backend] | None = None, *, args: list[str] | None = None,
-        env: dict[str, str] | None = None, **sections: dict[str, Any],
+        env: dict[str, str] | None = None, **sections: Any,
     ) -> Router:
         port = free_port()
         config: dict[str, Any] = {
@@ -123,7 +123,10 @@ class RouterFactory:
             "log": {"level": "debug", "format": "json"},
         }
         for name, values in sections.items():
-            config.setdefault(name, {}).update(values)
+            if isinstance(values, dict):
+                config.setdefault(name, {}).update(values)
+            else:  # a list section such as ``launch``
+                config[name] = values
         if instances:
             register = self.directory / f"register-{port}.yaml"
             register.write_text(yaml.safe_dump({"instances": [b.payload() for b in instances]}))
