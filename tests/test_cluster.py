@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
@@ -85,3 +87,26 @@ async def test_smollm2_answers_paris_through_the_router(
         assert "Paris" in text
     finally:
         await client.close()
+
+
+async def test_abort_through_the_router_reaches_the_engine(
+    router: RouterFactory, engines: EngineFactory
+) -> None:
+    r = router()
+    (engine,) = engines(1, router=r)
+    await r.wait_healthy(1)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            f"{r.url}/v1/completions", headers={"x-request-id": "long-1"},
+            json={"prompt": "hi", "max_tokens": 5000, "stream": True},
+        )
+        await resp.content.readuntil(b"\n\n")  # generation has started
+        status, body, _ = await r.post("/v1/abort_requests", {"req_ids": ["long-1", "nope"]})
+        assert status == 200
+        assert [(a["request_id"], a["instance"]) for a in body["aborted"]] == [
+            ("long-1", engine.url)
+        ]
+        assert body["not_found"] == ["nope"]
+        rest = await asyncio.wait_for(resp.content.read(), 60)
+        resp.release()
+    assert b'"finish_reason":"abort"' in rest

@@ -188,15 +188,19 @@ async def abort_requests(request: Request) -> Response:
         *(_fan_out(state, "POST", "/v1/abort_requests", targets, body) for targets, body in calls)
     )
     aborted: list[Any] = []
-    per_instance: dict[str, Any] = {}
+    per_instance: dict[str, list[Any]] = {}
     for answers in results:
         for instance, status, body in answers:
-            per_instance[instance.url] = {"status": status, "response": body}
-            if status == 200 and isinstance(body, dict) and isinstance(body.get("aborted"), list):
+            per_instance.setdefault(instance.url, []).append({"status": status, "response": body})
+            # fdcore engines answer {"result": {"aborted": [...]}}; others put "aborted" on top.
+            result = body.get("result", body) if isinstance(body, dict) else None
+            if status == 200 and isinstance(result, dict) and isinstance(
+                result.get("aborted"), list
+            ):
                 aborted.extend(
                     {**item, "instance": instance.url} if isinstance(item, dict)
                     else {"request_id": item, "instance": instance.url}
-                    for item in body["aborted"]
+                    for item in result["aborted"]
                 )
     found = {a.get("request_id") for a in aborted}
     not_found = [] if abort_all else [r for r in req_ids if r not in found]
