@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import aiohttp
@@ -110,3 +111,40 @@ async def test_abort_through_the_router_reaches_the_engine(
         rest = await asyncio.wait_for(resp.content.read(), 60)
         resp.release()
     assert b'"finish_reason":"abort"' in rest
+
+
+async def test_client_disconnect_through_the_router_frees_the_engine(
+    router: RouterFactory, engines: EngineFactory
+) -> None:
+    r = router()
+    (engine,) = engines(1, router=r)
+    await r.wait_healthy(1)
+
+    async def engine_gauges() -> tuple[float, float]:
+        async with aiohttp.ClientSession() as s, s.get(f"{engine.url}/metrics") as resp:
+            text = await resp.text()
+        values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                  if line.startswith("fastdeploy:") and " " in line}
+        return (values["fastdeploy:num_requests_running"],
+                values["fastdeploy:available_gpu_block_num"])
+
+    _, free_at_start = await engine_gauges()
+    async def running() -> bool:
+        return (await engine_gauges())[0] == 1
+
+    async def released() -> bool:
+        return await engine_gauges() == (0, free_at_start)
+
+    body = {"prompt": "hi", "max_tokens": 5000}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{r.url}/v1/completions", json={**body, "stream": True})
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # the client goes away mid-stream
+    await wait_until(released)
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(session.post(f"{r.url}/v1/completions", json=body))
+        await wait_until(running)
+        task.cancel()  # the client goes away before the answer
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await wait_until(released)
