@@ -80,11 +80,6 @@ class Instance:
         """Where this instance serves Prometheus metrics."""
         return f"http://{self.host_ip}:{self.metrics_port}/metrics"
 
-    @property
-    def tp_size(self) -> int:
-        """Tensor-parallel degree, as FastDeploy derives it from the device ids."""
-        return max(1, len(self.device_ids))
-
 
 @dataclass(slots=True)
 class RouteRequest:

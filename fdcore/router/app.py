@@ -18,7 +18,7 @@ from fdcore.plugins import PluginSet, load_plugins
 from fdcore.router import admin
 from fdcore.router.errors import error_response
 from fdcore.router.proxy import ENDPOINT_PATHS
-from fdcore.router.state import RouterState, build_state
+from fdcore.router.state import build_state
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -103,8 +103,3 @@ def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> Router
     app.state.fdcore = state
     return RouterApp(app, fast)
 
-
-def state_of(app: RouterApp) -> RouterState:
-    """The :class:`RouterState` of an app built by :func:`create_app`."""
-    state: RouterState = app.state.fdcore
-    return state

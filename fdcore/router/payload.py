@@ -137,4 +137,6 @@ def describe(instance: Instance) -> dict[str, Any]:
         "healthy": instance.healthy,
         "in_flight_requests": instance.load.requests,
         "in_flight_tokens": instance.load.tokens,
+        "registered_at": instance.registered_at,
+        "last_seen": instance.last_seen,
     }

@@ -39,10 +39,13 @@ async def test_reregistration_is_a_heartbeat_that_updates(backends, router: Rout
     (a,) = backends(1)
     r = router()
     assert (await r.post("/register", a.payload(connector_port=1000)))[0] == 200
+    (first,) = await r.instances()
     assert (await r.post("/register", a.payload(connector_port=2000)))[0] == 200
     instances = await r.instances()
     assert len(instances) == 1
     assert instances[0]["connector_port"] == "2000"
+    assert instances[0]["registered_at"] == first["registered_at"]
+    assert instances[0]["last_seen"] >= first["last_seen"] >= first["registered_at"]
 
 
 async def test_unreachable_instance_is_refused(router: RouterFactory) -> None:
