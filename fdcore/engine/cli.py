@@ -11,6 +11,7 @@ from typing import Any, get_args
 
 from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig, resolve
 from fdcore.errors import StartupError
+from fdcore.logs import configure_logging
 
 DESCRIPTION = "Run an inference engine: OpenAI API, continuous batching, paged KV cache."
 EPILOG = (
@@ -97,6 +98,7 @@ def run_engine(args: argparse.Namespace) -> int:
              if k in EngineConfig.model_fields}
     options = _prefixed(getattr(args, "scheduler_options", {}))
     config, scheduler_options, origin = resolve(getattr(args, "config", None), flags | options)
+    configure_logging(config.log_level, config.log_format)
     return serve(config, scheduler_options, origin)
 
 

@@ -79,6 +79,10 @@ class EngineConfig(StrictModel):
     cache_transfer_protocol: CsvStr = Field(["ipc"], description="KV transports, e.g. ipc,rdma")
     rdma_comm_ports: CsvStr = Field(default_factory=list, description="RDMA ports per device")
     device_ids: CsvStr = Field(["0"], description="device ids (registered)")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="log level"
+    )
+    log_format: Literal["console", "json"] = Field("console", description="log format")
     plugins: str = Field("default", description="plugins to load: default, default,NAME, all")
     block_plugins: CsvStr = Field(default_factory=list, description="plugins never to load")
     max_request_bytes: Bytes = Field(8 * 1024 * 1024, description="largest request body")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from typing import Any
@@ -123,6 +124,8 @@ async def _run_servers(host: str, apps: list[tuple[Starlette, int]]) -> None:
         hc = HypercornConfig()
         hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         hc.accesslog = None
+        # A Logger (not hypercorn's own stream handler) logs once, through fdcore.logs.
+        hc.errorlog = logging.getLogger("hypercorn.error")
         hc.graceful_timeout = 2.0
         servers.append(hypercorn_serve(app, hc, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     try:

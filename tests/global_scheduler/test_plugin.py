@@ -80,7 +80,7 @@ async def test_own_requests_round_trip(started: Callable[..., asyncio.Future[Glo
     assert [r.request_id for r in taken] == ["x", "y"]
     assert await a.get_unhandled_request_num() == 0
     await a.put_results([out("x", 1), out("x", 2, finished=True), out("y", 1, finished=True)])
-    results = await a.get_results()
+    results = await collect(a, "x", "y")
     assert [o.completion_tokens for o in results["x"]] == [1, 2]
     assert results["y"][0].finished
 
