@@ -48,6 +48,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from fdcore.router.app import create_app
     from fdcore.router.launcher import Launcher
     from fdcore.server import run, serve_app
+    from fdcore.server_limits import ServerLimits
 
     overrides: dict[str, dict[str, Any]] = {}
     for section, key, value in (
@@ -68,7 +69,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         await launcher.start()
         try:
             await serve_app(app, config.server.host, config.server.port,
-                            config.server.http_server)
+                            config.server.http_server, ServerLimits.from_config(config.server),
+                            drain=app.state.fdcore.drain)
         finally:
             await launcher.stop()
 

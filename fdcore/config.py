@@ -8,14 +8,16 @@ Every value can come from YAML, an environment variable (``FDCORE_<SECTION>_<KEY
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from fdcore.errors import StartupError
 from fdcore.types import StrictModel
@@ -32,6 +34,12 @@ class ServerConfig(StrictModel):
     splitwise: bool = False
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)  # fdcore: larger bodies get 413
     http_server: Literal["uvicorn", "hypercorn"] = "uvicorn"  # fdcore: hypercorn for HTTP/2
+    # fdcore: bounded waits and graceful drain (docs/router.md, "Timeouts, limits and drain")
+    header_timeout_secs: float = Field(10, gt=0)
+    body_timeout_secs: float = Field(60, gt=0)
+    keep_alive_timeout_secs: float = Field(75, gt=0)
+    max_connections: int = Field(4096, ge=1)
+    drain_grace_secs: float = Field(30, ge=0)
 
 
 class SchedulerConfig(StrictModel):
@@ -48,6 +56,19 @@ class SchedulerConfig(StrictModel):
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
+def _network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise PydanticCustomError(
+            "network", "not a network such as 10.0.0.0/8: {problem}", {"problem": str(exc)}
+        ) from None
+    return value
+
+
+Network = Annotated[str, AfterValidator(_network)]
+
+
 class ManagerConfig(StrictModel):
     """``manager:`` — health checks and start-up registration."""
 
@@ -60,6 +81,9 @@ class ManagerConfig(StrictModel):
     enable_infer_ready_check: bool = False
     health_check: str = "http"  # fdcore: the health-check plugin to use
     health_check_options: dict[str, Any] = Field(default_factory=dict)
+    # fdcore: CIDRs a registering host must resolve into (empty: any host)
+    register_allow_networks: list[Network] = Field(default_factory=list)
+    remove_unhealthy_after_secs: float = Field(600, ge=0)  # fdcore: 0 keeps them forever
 
 
 class LogConfig(StrictModel):
@@ -76,8 +100,26 @@ class ProxyConfig(StrictModel):
 
     connect_timeout_secs: float = Field(5, gt=0)
     first_byte_timeout_secs: float = Field(600, gt=0)
+    # A started stream that sends nothing for this long ends with an SSE error event (a stopped
+    # or wedged instance must not hold its clients until the total deadline).
+    stream_idle_timeout_secs: float = Field(120, gt=0)
     total_timeout_secs: float = Field(1800, gt=0)
     max_retries: int = Field(2, ge=0)  # extra attempts on other instances, before the first byte
+    # 0 = no cap: FastDeploy engines queue and reject at their own capacity, which the router
+    # cannot see; set it (e.g. twice the engines' max-num-seqs) to answer 429 instead.
+    max_inflight_per_instance: int = Field(0, ge=0)
+    retry_after_secs: int = Field(1, ge=1)  # the Retry-After of a 429 when every instance is full
+
+
+class OutlierConfig(StrictModel):
+    """``outlier:`` (fdcore) — passive ejection of instances that keep failing (Envoy's
+    consecutive-5xx), see :mod:`fdcore.router.outliers`."""
+
+    enabled: bool = True
+    consecutive_failures: int = Field(5, ge=1)
+    base_ejection_secs: float = Field(30, gt=0)
+    max_ejection_secs: float = Field(300, gt=0)
+    max_ejection_percent: int = Field(50, ge=0, le=100)
 
 
 class PluginsConfig(StrictModel):
@@ -95,6 +137,29 @@ class LaunchConfig(StrictModel):
     restart: bool = True
 
 
+def _key_list(value: Any) -> Any:
+    # FDCORE_AUTH_API_KEYS=key1,key2
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(
+        value, str) else value
+
+
+def _no_spaces(value: str) -> str:
+    if any(char.isspace() for char in value):
+        raise PydanticCustomError("key", "a key cannot contain spaces")
+    return value
+
+
+Key = Annotated[str, AfterValidator(_no_spaces)]
+ApiKey = Annotated[str, Field(min_length=1), AfterValidator(_no_spaces)]
+
+
+class AuthConfig(StrictModel):
+    """``auth:`` (fdcore) — client API keys for inference, one admin key for the rest."""
+
+    api_keys: Annotated[list[ApiKey], BeforeValidator(_key_list)] = Field(default_factory=list)
+    admin_key: Key = ""  # empty: no admin key
+
+
 class RouterConfig(StrictModel):
     """The whole router configuration."""
 
@@ -103,11 +168,14 @@ class RouterConfig(StrictModel):
     manager: ManagerConfig = Field(default_factory=ManagerConfig)  # type: ignore[arg-type]
     log: LogConfig = Field(default_factory=LogConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)  # type: ignore[arg-type]
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)  # type: ignore[arg-type]
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     launch: list[LaunchConfig] = Field(default_factory=list)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     source: str = Field("<defaults>", exclude=True)
 
 
+_VERBATIM_ENV_SECTIONS = {"auth"}
 _SCHEDULER_KEYS = {
     "policy", "prefill-policy", "decode-policy", "prefill_policy", "decode_policy",
     "stats-interval-secs", "stats_interval_secs",
@@ -172,7 +240,10 @@ def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             env_name = f"FDCORE_{section.upper()}_{field_name.upper()}"
             if env_name in environ:
                 key = field_name.replace("_", "-")
-                data.setdefault(section, {})[key] = yaml.safe_load(environ[env_name])
+                raw = environ[env_name]
+                # Secrets verbatim: YAML would read a key such as 0123 as a number.
+                value = raw if section in _VERBATIM_ENV_SECTIONS else yaml.safe_load(raw)
+                data.setdefault(section, {})[key] = value
 
 
 def load_router_config(

@@ -11,13 +11,14 @@ import orjson
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from fdcore.engine.context import EngineContext
 from fdcore.engine.generation import chat_completions, completions
 from fdcore.engine.openai_protocol import APIError
+from fdcore.engine.openapi import openapi
 from fdcore.engine.responses import json_response, read_body
 
 log = structlog.get_logger(__name__)
@@ -99,8 +100,15 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return json_response(error.body(), 500)
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left (or the HTTP server dropped a body it could not parse) mid-body: nobody
+    # reads an answer, and it is no engine failure to log.
+    return Response(status_code=499)
+
+
 _HANDLERS: dict[Any, Any] = {
     APIError: _api_error,
+    ClientDisconnect: _client_gone,
     HTTPException: _http_error,
     Exception: _internal_error,
 }
@@ -125,8 +133,11 @@ def build_app(ctx: EngineContext, components: Sequence[Component]) -> Starlette:
         Route("/v1/abort_requests", abort_requests, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers=_HANDLERS, lifespan=lifespan)
+    # Redirecting /health/ to /health would echo the client's Host header into Location.
+    app.router.redirect_slashes = False
     app.state.engine = ctx
     return app
 
@@ -135,5 +146,6 @@ def build_metrics_app(ctx: EngineContext) -> Starlette:
     """``/metrics`` alone, for a ``--metrics-port`` apart from the API port."""
     app = Starlette(routes=[Route("/metrics", metrics, methods=["GET"])],
                     exception_handlers=_HANDLERS)
+    app.router.redirect_slashes = False
     app.state.engine = ctx
     return app

@@ -24,6 +24,10 @@ from fdcore.types import Role, StrictModel
 
 SCHEDULER_PREFIX = "scheduler-"
 ENV_PREFIX = "FDCORE_ENGINE_"
+# Secrets are read verbatim (YAML would make a key such as 0123 a number); the alias is the
+# variable the router's docs name.
+_VERBATIM = {"router-admin-key"}
+_ENV_ALIASES = {"FDCORE_ROUTER_ADMIN_KEY": "router-admin-key"}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
 
@@ -58,6 +62,10 @@ class EngineConfig(StrictModel):
     metrics_port: Port | None = Field(None, description="/metrics port (default: the API port)")
     splitwise_role: Role = Field(Role.MIXED, description="mixed, prefill or decode")
     router: str | None = Field(None, description="host:port of a router to register with")
+    router_admin_key: str | None = Field(
+        None, description="the router's admin key, sent when registering (better: the "
+        "FDCORE_ROUTER_ADMIN_KEY environment variable, which ps does not show)"
+    )
     register_interval: float = Field(5.0, gt=0, description="seconds between re-registrations")
     scheduler_name: str = Field("local", description="scheduler plugin")
     max_num_seqs: int = Field(34, ge=1, description="sequences per batch at most")
@@ -86,6 +94,13 @@ class EngineConfig(StrictModel):
     plugins: str = Field("default", description="plugins to load: default, default,NAME, all")
     block_plugins: CsvStr = Field(default_factory=list, description="plugins never to load")
     max_request_bytes: Bytes = Field(8 * 1024 * 1024, description="largest request body")
+    header_timeout_secs: float = Field(10, gt=0, description="seconds to receive the headers")
+    body_timeout_secs: float = Field(60, gt=0, description="seconds to receive the body")
+    keep_alive_timeout_secs: float = Field(5, gt=0, description="idle seconds between requests")
+    max_connections: int = Field(4096, ge=1, description="concurrent requests; more get 503")
+    drain_grace_secs: float = Field(
+        30, ge=0, description="after SIGTERM, seconds running requests may take to finish"
+    )
 
 
 def _kebab(key: Any) -> str:
@@ -118,7 +133,10 @@ def read_env(environ: Mapping[str, str]) -> dict[str, tuple[str, Any]]:
         if name.startswith(ENV_PREFIX) and (
             key.replace("-", "_") in EngineConfig.model_fields or key.startswith(SCHEDULER_PREFIX)
         ):
-            found[key] = (name, yaml.safe_load(value))
+            found[key] = (name, value if key in _VERBATIM else yaml.safe_load(value))
+    for name, key in _ENV_ALIASES.items():
+        if name in environ and key not in found:
+            found[key] = (name, environ[name])
     return found
 
 

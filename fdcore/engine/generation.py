@@ -28,6 +28,7 @@ from fdcore.engine.responses import (
     unless_disconnected,
 )
 from fdcore.engine.serving import RequestStream
+from fdcore.http import BadRequestId, check_request_id
 from fdcore.types import EngineRequest, RequestOutput, SamplingParams
 
 _ERROR_TYPES = {
@@ -36,6 +37,18 @@ _ERROR_TYPES = {
     500: "internal_server_error",
 }
 
+
+
+def _request_id(from_body: str | None, from_header: str | None) -> str:
+    """The body's ``request_id``, else ``X-Request-Id``, else a new one; both are echoed in
+    response headers, so an id that could break a header is a 400."""
+    for value, where in ((from_body, "request_id"), (from_header, "x-request-id")):
+        if value is not None:
+            try:
+                return check_request_id(value, where)
+            except BadRequestId as exc:
+                raise APIError(400, str(exc), param=where, code="invalid_value") from None
+    return uuid.uuid4().hex
 
 async def completions(request: Request) -> Response:
     """``POST /v1/completions``."""
@@ -65,7 +78,7 @@ async def _generate(request: Request, chat: bool) -> Response:
         raise APIError(400, f"the model `{parsed.model}` does not exist; this engine serves "
                        f"`{ctx.model_name}`", param="model", code="model_not_found")
     max_tokens = _max_tokens(ctx, len(prompt_ids), requested, param)
-    rid = parsed.request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+    rid = _request_id(parsed.request_id, request.headers.get("x-request-id"))
     engine_request = EngineRequest(
         request_id=rid,
         prompt_token_ids=prompt_ids,

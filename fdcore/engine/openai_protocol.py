@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class APIError(Exception):
@@ -47,6 +47,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# The sampler works in float32: a temperature or top_p this small rounds to 0 there (or
+# overflows the scaled logits), the probabilities become NaN, and the failed step fails every
+# request in the batch. Below it a temperature means greedy and top_p keeps the top token
+# (vLLM's _SAMPLING_EPS rule).
+SAMPLING_EPS = 1e-5
+
+
 class _Request(BaseModel):
     # Strict types (a string is no number), unknown OpenAI fields ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -63,6 +70,16 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     request_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float) -> float:
+        return 0.0 if value < SAMPLING_EPS else value
+
+    @field_validator("top_p")
+    @classmethod
+    def _tiny_top_p_keeps_the_top_token(cls, value: float) -> float:
+        return max(value, SAMPLING_EPS)
 
     def stop_strings(self) -> list[str]:
         """``stop`` as a list."""

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 import time
 from typing import Any
 
 import structlog
 import uvloop
-from hypercorn.asyncio import serve as hypercorn_serve
-from hypercorn.config import Config as HypercornConfig
 from pydantic import ValidationError
-from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fdcore.drain import Drain
 from fdcore.engine.app import Component, build_app, build_metrics_app
 from fdcore.engine.assembly import assemble
 from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig, describe
 from fdcore.engine.context import EngineContext
 from fdcore.engine.loader import LoadedModel, load
 from fdcore.engine.registration import Registrar, advertised_ip, register_payload
+from fdcore.engine.responses import json_response
+from fdcore.engine.serving import Serving
 from fdcore.engine.torch_thread import on_torch_thread
 from fdcore.errors import StartupError
 from fdcore.plugins import load_plugins
 from fdcore.registry import Component as Registered
+from fdcore.server import serve_apps
+from fdcore.server_limits import ServerLimits
 from fdcore.types import SchedulerContext, StrictModel
 
 log = structlog.get_logger(__name__)
@@ -101,35 +102,49 @@ async def _serve(
         )
         local = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else host_ip
         health_url = f"http://{local}:{config.port}/health"
-        components.append(Registrar(config.router, payload, config.register_interval, health_url))
-    apps: list[tuple[Starlette, int]] = [(build_app(ctx, components), config.port)]
+        components.append(Registrar(config.router, payload, config.register_interval, health_url,
+                                    config.router_admin_key))
+    drain = Drain()
+    apps: list[tuple[ASGIApp, int]] = [
+        (_DrainingHealth(build_app(ctx, components), drain), config.port)
+    ]
     if metrics_port != config.port:
         apps.append((build_metrics_app(ctx), metrics_port))
     # Started before the servers (not in their lifespan) so that a plugin's StartupError, such
     # as an unreachable Redis, ends start-up with its one-line message.
     await scheduler.start()
+    aborting = asyncio.create_task(_abort_on_expiry(drain, parts.serving))
     try:
-        await _run_servers(config.host, apps)
-    finally:
-        await scheduler.stop()
-
-
-async def _run_servers(host: str, apps: list[tuple[Starlette, int]]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    servers = []
-    for app, port in apps:
-        hc = HypercornConfig()
-        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-        hc.accesslog = None
-        # A Logger (not hypercorn's own stream handler) logs once, through fdcore.logs.
-        hc.errorlog = logging.getLogger("hypercorn.error")
-        hc.graceful_timeout = 2.0
-        servers.append(hypercorn_serve(app, hc, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    try:
-        await asyncio.gather(*servers)
+        await serve_apps(apps, config.host, "hypercorn", ServerLimits.from_config(config), drain)
     except OSError as exc:
-        raise StartupError(f"cannot serve on {host}: {exc}") from None
-    log.info("engine.stopped")
+        raise StartupError(f"cannot serve on {config.host}: {exc}") from None
+    finally:
+        aborting.cancel()
+        await scheduler.stop()
+    log.info("engine.stopped", used_blocks=parts.blocks.num_used,
+             available_blocks=parts.blocks.num_available, total_blocks=parts.blocks.num_blocks)
+
+
+class _DrainingHealth:
+    """Answers ``GET /health`` with 503 ``draining`` once a drain has begun, so that a router
+    or load balancer asking on an open connection stops sending; the rest goes to the app."""
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.drain.draining and scope["type"] == "http" and scope["path"] == "/health":
+            await json_response({"status": "draining"}, 503)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _abort_on_expiry(drain: Drain, serving: Serving) -> None:
+    """When the drain's grace is over, abort what still runs: each stream ends with
+    ``finish_reason: abort`` and its KV blocks return to the free pool."""
+    await drain.expired.wait()
+    ids = serving.active_ids()
+    if ids:
+        log.info("engine.drain_abort", requests=len(ids))
+        await serving.abort(ids)

@@ -13,8 +13,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
+from fdcore.router.addresses import RegistrationRules, resolve
+from fdcore.router.auth import Keys
 from fdcore.router.errors import ClientError, error_response, json_response
-from fdcore.router.payload import PayloadError, describe, parse_instance
+from fdcore.router.instances import guarded_changes
+from fdcore.router.payload import (
+    PayloadError,
+    describe,
+    instance_url,
+    parse_address,
+    parse_instance,
+)
 from fdcore.router.proxy import models_union
 from fdcore.router.state import RouterState
 from fdcore.types import Instance, Role
@@ -38,11 +47,13 @@ async def _json_body(request: Request) -> Any:
         raise ClientError(400, f"request body is not valid JSON: {exc}") from None
 
 
-def _register_error(status: int, message: str) -> Response:
+def _register_error(
+    status: int, message: str, type_: str = "invalid_request_error"
+) -> Response:
     # FastDeploy's shape ({code, msg}) for engines, plus OpenAI's error object.
     return json_response(
         {"code": status, "msg": message,
-         "error": {"message": message, "type": "invalid_request_error", "code": status}},
+         "error": {"message": message, "type": type_, "code": status}},
         status,
     )
 
@@ -61,15 +72,54 @@ async def register(request: Request) -> Response:
     if not state.config.server.splitwise and instance.role is not Role.MIXED:
         return _register_error(400, "only MIXED instances are allowed (start the router with "
                                     "--splitwise for prefill/decode)")
-    known = state.instances.get(instance.url)
+    try:
+        addresses = await RegistrationRules(state.config).check(instance.host_ip, instance.port)
+    except ClientError as exc:
+        return _register_error(exc.status, exc.message, exc.type)
+    known = state.instances.find(instance.url, instance.port, addresses)
     if known is None:
         ok, detail = await state.health.probe(instance)
         if not ok:
-            return _register_error(503, f"service is not healthy: {instance.url}: {detail}")
-    _, is_new = state.instances.upsert(instance, healthy=True)
+            # The probe's detail can carry another server's banner: the log gets it, not the
+            # client.
+            log.warning("registration refused", instance=instance.url, detail=detail)
+            return _register_error(503, f"service is not healthy: {instance.url}")
+    elif known.healthy and (changed := guarded_changes(known, instance)):
+        keys: Keys = request.app.state.auth
+        if not keys.is_admin(request.scope["headers"]):
+            return _register_error(
+                409, f"{known.url} is registered and healthy: changing {', '.join(changed)} "
+                     "needs the admin key (or deregister it first)", "conflict",
+            )
+    record, is_new = state.instances.upsert(instance, healthy=True, addresses=addresses)
     if is_new:
-        log.info("instance registered", instance=instance.url, role=instance.role.value)
+        log.info("instance registered", instance=record.url, role=record.role.value)
+    elif record.url != instance.url:
+        log.debug("alias heartbeat", instance=record.url, alias=instance.url)
     return json_response({"code": 200, "msg": "Register success"})
+
+
+async def deregister(request: Request) -> Response:
+    """``POST /deregister``: forget an instance (engines call it as they stop).
+
+    The body is the register payload, of which ``host_ip`` and ``port`` are read; any alias of
+    the instance's host works.
+    """
+    state: RouterState = request.app.state.fdcore
+    try:
+        host, port = parse_address(await _json_body(request))
+        addresses = await resolve(host)
+    except ClientError as exc:
+        return _register_error(exc.status, exc.message, exc.type)
+    except PayloadError as exc:
+        return _register_error(400, f"invalid InstanceInfo: {exc}")
+    url = instance_url(host, port)
+    known = state.instances.find(url, port, addresses)
+    if known is None:
+        return _register_error(404, f"not registered: {url}", "not_found")
+    state.instances.remove(known.url)
+    log.info("instance deregistered", instance=known.url, role=known.role.value)
+    return json_response({"code": 200, "msg": "Deregister success"})
 
 
 async def registered(request: Request) -> Response:
@@ -77,7 +127,8 @@ async def registered(request: Request) -> Response:
     state: RouterState = request.app.state.fdcore
     result: dict[str, Any] = {"code": 200, "msg": "success"}
     for role in (Role.PREFILL, Role.DECODE, Role.MIXED):
-        result[role.value] = [describe(i) for i in state.instances.instances(role)]
+        result[role.value] = [describe(i, state.selector.outliers.status(i.url))
+                              for i in state.instances.instances(role)]
     return json_response(result)
 
 
@@ -88,11 +139,14 @@ async def registered_number(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """``GET /health``: the router's own state (it is up and serving)."""
+    """``GET /health``: the router's own state: 200 ``ok`` while serving, 503 ``draining``
+    once SIGTERM has started a graceful drain (so load balancers send no more)."""
     state: RouterState = request.app.state.fdcore
     healthy = sum(1 for i in state.instances.instances() if i.healthy)
-    return json_response({"status": "ok", "instances": len(state.instances),
-                          "healthy_instances": healthy})
+    draining = state.drain.draining
+    return json_response({"status": "draining" if draining else "ok",
+                          "instances": len(state.instances), "healthy_instances": healthy},
+                         503 if draining else 200)
 
 
 async def health_generate(request: Request) -> Response:
@@ -128,9 +182,14 @@ async def _fan_out(
                 try:
                     return instance, resp.status, orjson.loads(raw)
                 except orjson.JSONDecodeError:
-                    return instance, resp.status, raw.decode(errors="replace")
+                    # Whatever answers there (a proxy's banner, an error page) stays in the log.
+                    log.warning("instance answer is not JSON", instance=instance.url, path=path,
+                                status=resp.status, body=raw[:200].decode(errors="replace"))
+                    return instance, resp.status, "the instance's answer is not JSON"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return instance, 0, f"{type(exc).__name__}: {exc}"
+            log.warning("instance call failed", instance=instance.url, path=path,
+                        error=f"{type(exc).__name__}: {exc}")
+            return instance, 0, "the instance did not answer"
 
     return list(await asyncio.gather(*(one(i) for i in targets)))
 

@@ -16,7 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fdcore.config import RouterConfig
 from fdcore.plugins import PluginSet, load_plugins
 from fdcore.router import admin
+from fdcore.router.auth import Access, Guard, Keys
 from fdcore.router.errors import error_response
+from fdcore.router.openapi import openapi
 from fdcore.router.proxy import ENDPOINT_PATHS
 from fdcore.router.state import build_state
 
@@ -47,13 +49,31 @@ class _Endpoint:
         await self.app(scope, receive, send)
 
 
+# Who may call what (docs/router.md, "Security"); /health and /metrics stay open for probes.
+ACCESS = {
+    **{path: Access.CLIENT for path in (*ENDPOINT_PATHS.values(), "/v1/models")},
+    **{path: Access.ADMIN for path in (
+        "/register", "/deregister", "/v1/abort_requests", "/registered", "/registered_number",
+        "/health_generate",
+    )},
+}
+
+
 class RouterApp:
     """The router's ASGI app: inference POSTs go straight to the proxy (the hot path), the
     rest through Starlette (routing, error handlers, lifespan)."""
 
-    def __init__(self, starlette: Starlette, fast: dict[str, ASGIApp]) -> None:
+    def __init__(
+        self, starlette: Starlette, fast: dict[str, ASGIApp], keys: Keys | None = None
+    ) -> None:
         self.starlette = starlette
         self.fast = fast
+        self._app: ASGIApp = starlette
+        if keys is not None and keys.configured:
+            self._app = Guard(starlette, keys, ACCESS)
+        if keys is not None and keys.required(Access.CLIENT):
+            # Only then is the hot path guarded: without API keys it does no extra work.
+            self.fast = {path: Guard(app, keys, ACCESS) for path, app in fast.items()}
 
     @property
     def state(self) -> State:
@@ -66,7 +86,7 @@ class RouterApp:
             if app is not None:
                 await app(scope, receive, send)
                 return
-        await self.starlette(scope, receive, send)
+        await self._app(scope, receive, send)
 
 
 def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> RouterApp:
@@ -74,9 +94,11 @@ def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> Router
     if plugins is None:
         plugins = load_plugins(config.plugins.enable, config.plugins.block)
     state = build_state(config, plugins)
+    keys = Keys(config.auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        keys.warn_if_open()
         await state.start()
         try:
             yield
@@ -89,17 +111,22 @@ def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> Router
         Route("/v1/models", admin.models, methods=["GET"]),
         Route("/v1/abort_requests", admin.abort_requests, methods=["POST"]),
         Route("/register", admin.register, methods=["POST"]),
+        Route("/deregister", admin.deregister, methods=["POST"]),
         Route("/registered", admin.registered, methods=["GET"]),
         Route("/registered_number", admin.registered_number, methods=["GET"]),
         Route("/health", admin.health, methods=["GET"]),
         Route("/health_generate", admin.health_generate, methods=["GET"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
+    # Redirecting /health/ to /health would echo the client's Host header into Location.
+    app.router.redirect_slashes = False
     app.state.fdcore = state
-    return RouterApp(app, fast)
+    app.state.auth = keys
+    return RouterApp(app, fast, keys)
 

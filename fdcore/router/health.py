@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -22,6 +23,7 @@ class Streak:
     successes: int = 0
     failures: int = 0
     detail: str = "not checked yet"
+    failing_since: float | None = None  # monotonic time of the first failure while unhealthy
 
 
 class HealthManager:
@@ -29,7 +31,8 @@ class HealthManager:
 
     An instance turns unhealthy after ``health-failure-threshold`` consecutive failed rounds and
     healthy again after ``health-success-threshold`` consecutive good ones; unhealthy instances
-    stay registered (out of selection) so they come back on their own.
+    stay registered (out of selection) so they come back on their own, until they have failed
+    for ``remove-unhealthy-after-secs`` (when not 0): then they are removed.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class HealthManager:
         results = await asyncio.gather(*(self.probe(i) for i in instances))
         for instance, (ok, detail) in zip(instances, results, strict=True):
             self.record(instance, ok, detail)
+        self._remove_long_unhealthy(time.monotonic())
         async with self._round_done:
             self.rounds += 1
             self._round_done.notify_all()
@@ -84,6 +88,7 @@ class HealthManager:
         if ok:
             streak.successes += 1
             streak.failures = 0
+            streak.failing_since = None
             if not instance.healthy and streak.successes >= self.config.health_success_threshold:
                 self.registry.set_healthy(instance, True)
                 log.info("instance healthy", instance=instance.url, role=instance.role.value)
@@ -96,6 +101,22 @@ class HealthManager:
                     "instance unhealthy", instance=instance.url, role=instance.role.value,
                     detail=detail, failures=streak.failures,
                 )
+            if not instance.healthy and streak.failing_since is None:
+                streak.failing_since = time.monotonic()
+
+    def _remove_long_unhealthy(self, now: float) -> None:
+        limit = self.config.remove_unhealthy_after_secs
+        if not limit:
+            return
+        for url, streak in list(self.streaks.items()):
+            if streak.failing_since is not None and now - streak.failing_since >= limit:
+                instance = self.registry.remove(url)  # policies and this manager forget it
+                self.streaks.pop(url, None)
+                if instance is not None:
+                    log.warning(
+                        "instance removed", instance=url, role=instance.role.value,
+                        unhealthy_secs=round(now - streak.failing_since, 1), detail=streak.detail,
+                    )
 
     def _forget(self, instance: Instance) -> None:
         self.streaks.pop(instance.url, None)

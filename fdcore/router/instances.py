@@ -4,18 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from fdcore.router.addresses import literal
 from fdcore.types import Instance, Role
+
+# What an anonymous re-registration may not change on a live instance (docs/router.md).
+GUARDED_FIELDS = (
+    "role", "port", "metrics_port", "connector_port", "engine_worker_queue_port", "rdma_ports",
+)
+Endpoint = tuple[str, int]
+
+
+def guarded_changes(current: Instance, incoming: Instance) -> list[str]:
+    """The :data:`GUARDED_FIELDS` in which ``incoming`` differs from ``current``."""
+    return [n for n in GUARDED_FIELDS if getattr(current, n) != getattr(incoming, n)]
 
 
 class InstanceRegistry:
     """Instances by url, with per-role lists of healthy ones kept sorted for selection.
 
-    The healthy lists are rebuilt only when membership or health changes, so the per-request
-    path reads a ready tuple.
+    An instance is also known by its resolved addresses and port, so host aliases
+    (``localhost:8001``, ``127.0.0.1:8001``) name one instance, under the url it first
+    registered with. The healthy lists are rebuilt only when membership or health changes, so
+    the per-request path reads a ready tuple.
     """
 
     def __init__(self) -> None:
         self._by_url: dict[str, Instance] = {}
+        self._by_endpoint: dict[Endpoint, str] = {}
+        self._endpoints: dict[str, frozenset[Endpoint]] = {}
         self._healthy: dict[Role, tuple[Instance, ...]] = {role: () for role in Role}
         self._on_remove: list[Callable[[Instance], None]] = []
 
@@ -36,22 +52,39 @@ class InstanceRegistry:
         """The instance registered under ``url``, if any."""
         return self._by_url.get(url)
 
-    def upsert(self, incoming: Instance, healthy: bool) -> tuple[Instance, bool]:
+    def find(self, url: str, port: int, addresses: frozenset[str] = frozenset()) -> Instance | None:
+        """The instance registered under ``url``, or at one of ``addresses`` with ``port``."""
+        current = self._by_url.get(url)
+        if current is None:
+            for address in addresses:
+                known = self._by_endpoint.get((address, port))
+                if known is not None:
+                    return self._by_url[known]
+        return current
+
+    def upsert(
+        self, incoming: Instance, healthy: bool, addresses: frozenset[str] = frozenset()
+    ) -> tuple[Instance, bool]:
         """Add ``incoming`` or update the record it re-registers; return ``(record, is_new)``.
 
-        A re-registration is a heartbeat: it refreshes the payload (the role may change) and
-        ``last_seen`` but keeps the live counters and the health state the manager decided.
+        ``addresses`` are the resolved addresses of its host (an IP address host needs none).
+        A re-registration, under any alias, is a heartbeat: it refreshes the payload and
+        ``last_seen`` but keeps the url, the live counters and the health the manager decided.
         """
-        current = self._by_url.get(incoming.url)
+        addresses = addresses or literal(incoming.host_ip)
+        current = self.find(incoming.url, incoming.port, addresses)
         if current is None:
             incoming.healthy = healthy
             self._by_url[incoming.url] = incoming
+            self._index(incoming.url, frozenset((a, incoming.port) for a in addresses))
             self._rebuild()
             return incoming, True
+        if current.url == incoming.url:  # the host may resolve elsewhere now
+            self._index(current.url, frozenset((a, incoming.port) for a in addresses))
         role_changed = current.role is not incoming.role
         for name in (
-            "role", "host_ip", "port", "metrics_port", "connector_port",
-            "engine_worker_queue_port", "transfer_protocol", "rdma_ports", "device_ids", "extra",
+            "role", "metrics_port", "connector_port", "engine_worker_queue_port",
+            "transfer_protocol", "rdma_ports", "device_ids", "extra",
         ):
             setattr(current, name, getattr(incoming, name))
         current.last_seen = incoming.last_seen
@@ -71,6 +104,7 @@ class InstanceRegistry:
         """Drop an instance; listeners are told so policies forget it."""
         instance = self._by_url.pop(url, None)
         if instance is not None:
+            self._index(url, frozenset())
             self._rebuild()
             for callback in self._on_remove:
                 callback(instance)
@@ -85,6 +119,15 @@ class InstanceRegistry:
 
     def __len__(self) -> int:
         return len(self._by_url)
+
+    def _index(self, url: str, endpoints: frozenset[Endpoint]) -> None:
+        for endpoint in self._endpoints.pop(url, frozenset()):
+            if self._by_endpoint.get(endpoint) == url:
+                del self._by_endpoint[endpoint]
+        if endpoints:
+            self._endpoints[url] = endpoints
+            for endpoint in endpoints:
+                self._by_endpoint.setdefault(endpoint, url)
 
     def _rebuild(self) -> None:
         ordered = sorted(self._by_url.values(), key=lambda i: i.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 
 import structlog
@@ -35,6 +36,18 @@ class Launcher:
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
             args += ["--router", f"{host}:{self.config.server.port}"]
         return [sys.executable, "-m", "fdcore", "engine", *args]
+
+    def environment(self) -> dict[str, str]:
+        """The engines' environment: this process's, plus the key they register with.
+
+        The key travels in the environment, not on the command line, where ``ps`` shows it.
+        """
+        env = dict(os.environ)
+        auth = self.config.auth
+        key = auth.admin_key or (auth.api_keys[0] if auth.api_keys else "")
+        if key:
+            env["FDCORE_ROUTER_ADMIN_KEY"] = key
+        return env
 
     async def start(self) -> None:
         """Start every engine (the router does not wait for them to load)."""
@@ -78,7 +91,7 @@ class Launcher:
         while not self._stopping:
             argv = self.argv(entry)
             log.info("starting engine", engine=name, command=" ".join(argv[2:]))
-            proc = await asyncio.create_subprocess_exec(*argv)
+            proc = await asyncio.create_subprocess_exec(*argv, env=self.environment())
             self._procs[name] = proc
             code = await proc.wait()
             if self._stopping:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -25,6 +25,7 @@ class _InstanceCollector(Collector):
 
     def __init__(self, instances: InstanceRegistry) -> None:
         self._instances = instances
+        self.ejected: Callable[[str], bool] = lambda url: False
 
     def collect(self) -> Iterator[Metric]:
         inflight = GaugeMetricFamily(
@@ -39,14 +40,21 @@ class _InstanceCollector(Collector):
             "fdcore_router_instance_healthy", "1 if the instance is in selection, else 0",
             labels=["instance", "role"],
         )
+        ejected = GaugeMetricFamily(
+            "fdcore_router_instance_ejected",
+            "1 while outlier detection keeps the instance out of selection, else 0",
+            labels=["instance", "role"],
+        )
         for instance in self._instances.instances():
             labels = [instance.url, instance.role.value]
             inflight.add_metric(labels, instance.load.requests)
             tokens.add_metric(labels, instance.load.tokens)
             healthy.add_metric(labels, 1.0 if instance.healthy else 0.0)
+            ejected.add_metric(labels, 1.0 if self.ejected(instance.url) else 0.0)
         yield inflight
         yield tokens
         yield healthy
+        yield ejected
 
 
 class RouterMetrics:
@@ -88,7 +96,12 @@ class RouterMetrics:
             "fdcore_router_retries", "Attempts moved to another instance after a connect failure",
             ["instance"], registry=reg,
         )
-        reg.register(_InstanceCollector(instances))
+        self.ejections = Counter(
+            "fdcore_router_ejections", "Times outlier detection took the instance out of "
+            "selection", ["instance"], registry=reg,
+        )
+        self._collector = _InstanceCollector(instances)
+        reg.register(self._collector)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -98,6 +111,10 @@ class RouterMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def track_ejections(self, ejected: Callable[[str], bool]) -> None:
+        """Read ``fdcore_router_instance_ejected`` from ``ejected(url)`` at scrape time."""
+        self._collector.ejected = ejected
 
     def count_request(self, endpoint: str, status: int, method: str = "POST") -> None:
         """Count a finished request under fdcore's and FastDeploy's names."""

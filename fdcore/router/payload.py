@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fdcore.router.outliers import Breaker, breaker_status
 from fdcore.types import Instance, Role
 
 _ROLE_NUMBERS = {0: Role.MIXED, 1: Role.PREFILL, 2: Role.DECODE}
@@ -83,6 +84,18 @@ def _host(value: Any) -> str:
     return host
 
 
+def instance_url(host: str, port: int) -> str:
+    """The url an instance is known by (and proxied to)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def parse_address(payload: Any) -> tuple[str, int]:
+    """``(host_ip, port)`` of a register payload (the body of ``/deregister``)."""
+    if not isinstance(payload, Mapping):
+        raise PayloadError(f"body must be a JSON object, got {type(payload).__name__}")
+    return _host(payload.get("host_ip")), _port("port", payload.get("port"), required=True)
+
+
 def parse_instance(payload: Any, now: float = 0.0) -> Instance:
     """Validate a register payload; ints or strings are accepted wherever FastDeploy does.
 
@@ -93,8 +106,7 @@ def parse_instance(payload: Any, now: float = 0.0) -> Instance:
     if "role" not in payload:
         raise PayloadError("role: required")
     role = _role(payload["role"])
-    host = _host(payload.get("host_ip"))
-    port = _port("port", payload.get("port"), required=True)
+    host, port = parse_address(payload)
     protocols = [
         p.lower() for p in _str_list("transfer_protocol", payload.get("transfer_protocol"))
     ]
@@ -103,9 +115,8 @@ def parse_instance(payload: Any, now: float = 0.0) -> Instance:
         known = ", ".join(sorted(PROTOCOLS))
         raise PayloadError(f"transfer_protocol: unknown {', '.join(unknown)} (known: {known})")
     metrics_port = _port("metrics_port", payload.get("metrics_port")) or port
-    url_host = f"[{host}]" if ":" in host else host
     return Instance(
-        url=f"http://{url_host}:{port}",
+        url=instance_url(host, port),
         role=role,
         host_ip=host,
         port=port,
@@ -123,8 +134,14 @@ def parse_instance(payload: Any, now: float = 0.0) -> Instance:
     )
 
 
-def describe(instance: Instance) -> dict[str, Any]:
-    """FastDeploy's ``/registered`` entry for an instance (ports as strings), plus its state."""
+def describe(instance: Instance, outlier: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """FastDeploy's ``/registered`` entry for an instance (ports as strings), plus its state.
+
+    ``outlier`` is its breaker from :meth:`fdcore.router.outliers.OutlierDetector.status`
+    (a closed, never-ejected one when omitted).
+    """
+    if outlier is None:
+        outlier = breaker_status(Breaker(), 0.0)
     return {
         "url": instance.url,
         "worker_type": instance.role.value,
@@ -139,4 +156,5 @@ def describe(instance: Instance) -> dict[str, Any]:
         "in_flight_tokens": instance.load.tokens,
         "registered_at": instance.registered_at,
         "last_seen": instance.last_seen,
+        **outlier,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fdcore.http import BadRequestId, check_request_id
 from fdcore.router.errors import ClientError
 
 
@@ -75,8 +76,11 @@ def check_common(payload: Any) -> dict[str, Any]:
     if model is not None and not isinstance(model, str):
         raise ClientError(400, "model: must be a string", param="model")
     request_id = payload.get("request_id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ClientError(400, "request_id: must be a string", param="request_id")
+    if request_id is not None:
+        try:
+            check_request_id(request_id, "request_id")
+        except BadRequestId as exc:
+            raise ClientError(400, str(exc), param="request_id") from None
     return payload
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fdcore.config import ProxyConfig
+from fdcore.http import BadRequestId, bad_header, check_request_id
 from fdcore.router.errors import ClientError, error_body
 from fdcore.router.metrics import RouterMetrics
 from fdcore.router.prompts import PROMPT_READERS, check_common
@@ -23,14 +24,20 @@ from fdcore.router.selection import Lease, NoInstance, Selector
 from fdcore.router.upstream import ConnectFailed, ResponseFailed, UpstreamPool, UpstreamResponse
 from fdcore.types import Outcome, Role, RouteRequest
 
+if TYPE_CHECKING:
+    from fdcore.drain import Drain
+
 log = structlog.get_logger("fdcore.proxy")
 
 # Headers that describe one hop's connection or body framing, never forwarded.
 _HOP_HEADERS = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"host",
-    b"accept-encoding", b"x-request-id",
+    b"accept-encoding", b"x-request-id", b"expect", b"x-fdcore-via",
 })
+# Router ids a request has passed through; a router that finds its own id refuses the loop.
+VIA_HEADER = b"x-fdcore-via"
+_MAX_HOPS = 8
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 _JSON = b"application/json"
 
@@ -39,17 +46,22 @@ class ClientGone(Exception):
     """The client disconnected before the answer was complete."""
 
 
+class Drained(Exception):
+    """The router's drain grace period ended before this request finished."""
+
+
 class _Exchange:
     """Per-request state: who the client is, what it sent, how it ended."""
 
-    __slots__ = ("endpoint", "gone", "request_id", "started", "status")
+    __slots__ = ("drained", "endpoint", "gone", "request_id", "started", "status")
 
-    def __init__(self, endpoint: str, request_id: str) -> None:
+    def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.request_id = request_id
+        self.request_id = ""  # set once validated: it is echoed in response headers
         self.started = time.perf_counter()
         self.status = 0
         self.gone = False
+        self.drained = False
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -79,38 +91,61 @@ class Proxy:
     Retries on another instance only when no response byte has arrived; relays the instance's
     status and body unchanged; releases the lease however the request ends; a client that goes
     away closes the upstream connection, which is how the instance learns to stop.
+
+    Every value written into the upstream head is checked first (:mod:`fdcore.http`): a
+    request id or header that could end the head early is a 400, never forwarded.
     """
 
     def __init__(
         self, selector: Selector, metrics: RouterMetrics, config: ProxyConfig, max_body: int,
-        splitwise: bool = False,
+        splitwise: bool = False, drain: Drain | None = None,
     ) -> None:
         self.selector = selector
         self.metrics = metrics
         self.config = config
         self.max_body = max_body
         self.splitwise = splitwise
+        self.drain = drain
         self.pool = UpstreamPool(config.connect_timeout_secs)
+        self.router_id = f"{random.getrandbits(64):016x}".encode()
+        self._active: dict[_Exchange, asyncio.Task[Any]] = {}
+        self._drain_watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Watch the drain: when its grace period ends, end every request still in flight."""
+        if self.drain is not None:
+            self._drain_watch = asyncio.create_task(self._end_on_drain(self.drain),
+                                                    name="fdcore-proxy-drain")
 
     async def stop(self) -> None:
         """Close pooled upstream connections."""
+        if self._drain_watch is not None:
+            self._drain_watch.cancel()
         self.pool.close()
+
+    async def _end_on_drain(self, drain: Drain) -> None:
+        await drain.expired.wait()
+        for ex, task in list(self._active.items()):
+            ex.drained = True
+            task.cancel()
 
     def endpoint(self, endpoint: str) -> ASGIApp:
         """A raw ASGI app forwarding to ``endpoint`` (``chat`` or ``completions``)."""
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            request_id = ""
-            for name, value in scope["headers"]:
-                if name == b"x-request-id":
-                    request_id = value.decode("latin-1")
-            ex = _Exchange(endpoint, request_id)
+            ex = _Exchange(endpoint)
             try:
                 await self._handle(ex, scope, receive, send)
             except ClientError as exc:
                 await self._reply_error(ex, send, exc.status, exc.message, exc.type, exc.param)
             except ClientGone:
                 ex.status = 499
+            except Drained:
+                message = "the router is shutting down; retry on another router"
+                if ex.status:
+                    await _end_stream(send, 503, message, "service_unavailable")
+                else:
+                    await self._reply_error(ex, send, 503, message, "service_unavailable")
             except Exception as exc:  # a bug must cost one request, not the router
                 log.exception("proxy failed", request_id=ex.request_id)
                 if ex.status:
@@ -128,7 +163,28 @@ class Proxy:
         log.debug("request done", request_id=ex.request_id, endpoint=ex.endpoint,
                   status=ex.status, seconds=round(elapsed, 6))
 
+    def _check_head(self, scope: Scope) -> str:
+        """Validate the client's headers; return its ``X-Request-Id`` ("" when absent)."""
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                try:
+                    request_id = check_request_id(value.decode("latin-1"), "x-request-id")
+                except BadRequestId as exc:
+                    raise ClientError(400, str(exc), param="x-request-id") from None
+            elif name == VIA_HEADER:
+                hops = value.split(b",")
+                if self.router_id in (hop.strip() for hop in hops) or len(hops) >= _MAX_HOPS:
+                    raise ClientError(508, "request loop: this request has already passed "
+                                      "through this router (an instance registered under "
+                                      "the router's own address?)", type_="loop_detected")
+            elif bad_header(name, value):
+                raise ClientError(400, f"header {name.decode('latin-1')!r}: contains control "
+                                  "characters and cannot be forwarded", param=None)
+        return request_id
+
     async def _handle(self, ex: _Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        ex.request_id = self._check_head(scope)
         if self.splitwise:
             # Instances register with their roles already; pairing them comes with PD routing.
             raise ClientError(501, "prefill/decode (splitwise) routing is not available in this "
@@ -159,23 +215,29 @@ class Proxy:
 
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(on_disconnect)
+        self._active[ex] = task
         try:
             await self._route(ex, route, head, body, stream, send)
         except asyncio.CancelledError:
-            if not ex.gone:
+            if not (ex.gone or ex.drained):
                 raise
             task.uncancel()
-            raise ClientGone from None
+            raise (ClientGone if ex.gone else Drained) from None
         finally:
+            del self._active[ex]
             watcher.remove_done_callback(on_disconnect)
             watcher.cancel()
 
     def _head(self, ex: _Exchange, scope: Scope) -> bytes:
         parts = [b"POST ", ENDPOINT_PATHS[ex.endpoint].encode(), b" HTTP/1.1\r\n"]
+        via = self.router_id
         for name, value in scope["headers"]:
-            if name not in _HOP_HEADERS:
+            if name == VIA_HEADER:
+                via = value + b"," + self.router_id
+            elif name not in _HOP_HEADERS:
                 parts += (name, b": ", value, b"\r\n")
-        parts += (b"x-request-id: ", ex.request_id.encode("latin-1"), b"\r\n")
+        parts += (b"x-request-id: ", ex.request_id.encode("ascii"), b"\r\n",
+                  VIA_HEADER, b": ", via, b"\r\n")
         return b"".join(parts)
 
     async def _route(
@@ -186,15 +248,17 @@ class Proxy:
         while True:
             try:
                 lease = await self.selector.acquire(route, frozenset(exclude))
-            except NoInstance as exc:
-                await self._reply_error(ex, send, 503, str(exc), "service_unavailable")
+            except NoInstance as exc:  # 503, or 429 with Retry-After when all are full
+                await self._reply_error(ex, send, exc.status, str(exc), exc.type,
+                                        retry_after=exc.retry_after)
                 return
             outcome = Outcome.ERROR
             try:
                 outcome = await self._exchange(ex, lease, head, body, stream, send)
                 return
             except asyncio.CancelledError:
-                outcome = Outcome.DISCONNECT if ex.gone else Outcome.ERROR
+                # Neither a client leaving nor the router draining is the instance's fault.
+                outcome = Outcome.DISCONNECT if ex.gone or ex.drained else Outcome.ERROR
                 raise
             except ConnectFailed as exc:
                 exclude.add(lease.instance.url)
@@ -216,7 +280,7 @@ class Proxy:
                     return
                 await self._reply_error(
                     ex, send, 504, f"instance {lease.instance.url} did not answer within "
-                    f"{self.config.first_byte_timeout_secs}s", "timeout",
+                    f"{self._first_byte_timeout(stream)}s", "timeout",
                 )
                 return
             except ResponseFailed as exc:
@@ -229,17 +293,25 @@ class Proxy:
             finally:
                 lease.release(outcome)
 
+    def _first_byte_timeout(self, stream: bool) -> float:
+        config = self.config
+        first_byte = min(config.first_byte_timeout_secs, config.total_timeout_secs)
+        return min(first_byte, config.stream_idle_timeout_secs) if stream else first_byte
+
     async def _exchange(
         self, ex: _Exchange, lease: Lease, head: bytes, body: bytes, stream: bool, send: Send
     ) -> Outcome:
         instance = lease.instance
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.total_timeout_secs
+        # A streaming instance answers headers at once; one that sends nothing for the idle
+        # gap is stopped or wedged, whatever the (long) first-byte timeout says.
+        first_byte = self._first_byte_timeout(stream)
         # One timer: the first-byte deadline, then moved to the total deadline.
-        async with asyncio.timeout(
-            min(self.config.first_byte_timeout_secs, self.config.total_timeout_secs)
-        ) as timer:
-            upstream = await self.pool.request(instance.host_ip, instance.port, head, body)
+        async with asyncio.timeout(first_byte) as timer:
+            upstream = await self.pool.request(
+                instance.host_ip, instance.port, head, body, ex.request_id.encode("ascii")
+            )
             timer.reschedule(deadline)
             self.metrics.child(self.metrics.ttfb, ex.endpoint).observe(
                 time.perf_counter() - ex.started
@@ -249,7 +321,7 @@ class Proxy:
             ).inc()
             headers = [
                 (b"content-type", upstream.content_type),
-                (b"x-request-id", ex.request_id.encode("latin-1")),
+                (b"x-request-id", ex.request_id.encode("ascii")),
                 (b"x-router-instance-url", instance.url.encode()),
             ]
             if stream and upstream.status == 200:
@@ -276,14 +348,25 @@ class Proxy:
         await send({"type": "http.response.start", "status": upstream.status,
                     "headers": headers})
         done = False
+        gap = self.config.stream_idle_timeout_secs
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in upstream.chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # One timer for the whole stream, pushed back by every chunk that arrives.
+            async with asyncio.timeout(loop.time() + gap) as idle:
+                async for chunk in upstream.chunks():
+                    idle.reschedule(loop.time() + gap)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             done = True
         except ResponseFailed as exc:
             await _end_stream(send, 502, f"instance {url} failed mid-stream: {exc}",
                               "bad_gateway")
             return Outcome.ERROR
+        except TimeoutError:
+            if not idle.expired():
+                raise  # the total deadline: _route ends the stream
+            await _end_stream(send, 504, f"instance {url} sent nothing for {gap}s "
+                              "(proxy.stream-idle-timeout-secs)", "timeout")
+            return Outcome.TIMEOUT
         finally:
             if not done:
                 upstream.close()  # closing is what tells the instance to stop generating
@@ -293,12 +376,14 @@ class Proxy:
 
     async def _reply_error(
         self, ex: _Exchange, send: Send, status: int, message: str, type_: str,
-        param: str | None = None,
+        param: str | None = None, retry_after: int | None = None,
     ) -> None:
         ex.status = status
         headers = [(b"content-type", _JSON)]
         if ex.request_id:
-            headers.append((b"x-request-id", ex.request_id.encode("latin-1")))
+            headers.append((b"x-request-id", ex.request_id.encode("ascii")))
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": error_body(status, message, type_,
                                                                      param)})

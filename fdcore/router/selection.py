@@ -1,12 +1,24 @@
-"""Choosing instances through the selection policies, with counters that are always released."""
+"""Choosing instances through the selection policies, with counters that are always released.
+
+Before a policy sees the candidates, ejected instances (:mod:`fdcore.router.outliers`) and
+instances at ``proxy.max-inflight-per-instance`` are taken out; when only full ones remain the
+request is refused with :class:`Saturated` rather than queued without bound.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
+import structlog
+
+from fdcore.config import RouterConfig
 from fdcore.router.instances import InstanceRegistry
 from fdcore.router.metrics import RouterMetrics
+from fdcore.router.outliers import OutlierDetector
 from fdcore.types import Instance, Outcome, Role, RouteRequest, SelectionPolicy
+
+log = structlog.get_logger("fdcore.selection")
 
 
 class Lease:
@@ -34,31 +46,63 @@ class Lease:
         load = self.instance.load
         load.requests = max(0, load.requests - 1)
         load.tokens = max(0, load.tokens - self.request.token_estimate)
-        self.selector.finished(self)
+        self.selector.finished(self, outcome)
         self.policy.release(self.request, self.instance, outcome)
 
 
 class NoInstance(Exception):
-    """No healthy instance of the needed role is available."""
+    """No healthy instance of the needed role is available.
 
-    def __init__(self, role: Role) -> None:
-        super().__init__(f"no healthy {role.value} instance available")
+    The proxy answers ``status`` with an error body of ``type``, and a ``Retry-After:
+    retry_after`` header when that is set.
+    """
+
+    status: int = 503
+    type: str = "service_unavailable"
+    retry_after: int | None = None
+
+    def __init__(self, role: Role, message: str = "") -> None:
+        super().__init__(message or f"no healthy {role.value} instance available")
         self.role = role
 
 
+class Saturated(NoInstance):
+    """Every candidate has ``proxy.max-inflight-per-instance`` requests in flight: 429."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+
+    def __init__(self, role: Role, limit: int, retry_after: int) -> None:
+        super().__init__(role, f"every {role.value} instance has {limit} requests in flight "
+                               f"(proxy.max-inflight-per-instance); retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
 class Selector:
-    """Holds one policy per role and the in-flight leases (for targeted aborts)."""
+    """Holds one policy per role, the in-flight leases (for targeted aborts) and the outlier
+    detector the leases' outcomes feed.
+
+    ``config`` supplies ``outlier:`` and ``proxy.max-inflight-per-instance`` (defaults when
+    omitted); ``clock`` is the detector's.
+    """
 
     def __init__(
         self,
         instances: InstanceRegistry,
         policies: Mapping[Role, SelectionPolicy],
         metrics: RouterMetrics,
+        config: RouterConfig | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        config = config or RouterConfig.model_validate({})
         self.instances = instances
         self.policies = dict(policies)
         self.metrics = metrics
         self.inflight: dict[str, Lease] = {}
+        self.outliers = OutlierDetector(config.outlier, clock)
+        self.max_inflight = config.proxy.max_inflight_per_instance
+        self.retry_after = config.proxy.retry_after_secs
+        metrics.track_ejections(self.outliers.is_ejected)
         instances.on_remove(self._forget)
 
     async def acquire(self, request: RouteRequest, exclude: frozenset[str] = frozenset()) -> Lease:
@@ -69,18 +113,33 @@ class Selector:
             candidates = tuple(i for i in candidates if i.url not in exclude)
         if not candidates:
             raise NoInstance(role)
+        candidates = self.outliers.admit(candidates)
+        cap = self.max_inflight
+        if cap:
+            candidates = tuple(i for i in candidates if i.load.requests < cap)
+            if not candidates:
+                raise Saturated(role, cap, self.retry_after)
         policy = self.policies[role]
         instance = await policy.select(request, candidates)
+        if cap and instance.load.requests >= cap:  # filled by another request while selecting
+            raise Saturated(role, cap, self.retry_after)
         self.metrics.child(self.metrics.selections, policy.name, role.value, instance.url).inc()
         lease = Lease(self, request, instance, policy)
         self.inflight[request.request_id] = lease
         return lease
 
-    def finished(self, lease: Lease) -> None:
-        """Forget a released lease (called by :meth:`Lease.release`)."""
+    def finished(self, lease: Lease, outcome: Outcome) -> None:
+        """Forget a released lease and count its outcome (called by :meth:`Lease.release`)."""
         if self.inflight.get(lease.request.request_id) is lease:
             del self.inflight[lease.request.request_id]
+        instance = lease.instance
+        if self.outliers.record(instance, outcome, self.instances.healthy(instance.role)):
+            self.metrics.child(self.metrics.ejections, instance.url).inc()
+            breaker = self.outliers.breaker(instance.url)
+            log.warning("instance ejected", instance=instance.url, ejections=breaker.ejections,
+                        until=round(breaker.ejected_until, 3))
 
     def _forget(self, instance: Instance) -> None:
+        self.outliers.forget(instance.url)
         for policy in self.policies.values():
             policy.forget(instance)

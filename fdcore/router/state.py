@@ -10,6 +10,7 @@ import aiohttp
 import structlog
 
 from fdcore.config import RouterConfig, option_keys, policy_config, read_yaml
+from fdcore.drain import Drain
 from fdcore.errors import StartupError
 from fdcore.plugins import PluginSet
 from fdcore.router.health import HealthManager
@@ -36,6 +37,7 @@ class RouterState:
     selector: Selector
     proxy: Proxy
     stats: StatsLogger
+    drain: Drain  # set by the server on SIGTERM (fdcore/server.py); read by /health, proxy
 
     http: aiohttp.ClientSession | None = None
 
@@ -46,6 +48,7 @@ class RouterState:
         self.http = aiohttp.ClientSession()
         await self.health.start()
         await self.stats.start()
+        await self.proxy.start()
 
     async def stop(self) -> None:
         """Stop everything started by :meth:`start`."""
@@ -113,8 +116,9 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         HealthContext(endpoint=manager.health_check_endpoint,
                       timeout=manager.health_check_timeout_secs),
     )
-    selector = Selector(instances, policies, metrics)
+    selector = Selector(instances, policies, metrics, config)
     load_register_file(config, instances)
+    drain = Drain()
     return RouterState(
         config=config,
         plugins=plugins,
@@ -123,6 +127,7 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         health=HealthManager(instances, check, manager),
         selector=selector,
         proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes,
-                    config.server.splitwise),
+                    config.server.splitwise, drain=drain),
         stats=StatsLogger(instances, config.scheduler.stats_interval_secs),
+        drain=drain,
     )

@@ -3,6 +3,12 @@ one write per request, responses parsed by httptools.
 
 The router's hot path is one request in and one out; a general-purpose client spends most of
 its time on features this path never uses (cookies, redirects, tracing, auto headers).
+
+A pooled connection is only reused when its framing is beyond doubt: exactly one response
+arrived, it started after the request was written, and nothing followed it. Bytes on an idle
+connection, a second response after the first, or a response whose ``x-request-id`` names a
+different request mean the connection is out of step with its requests (a smuggled request,
+a confused instance), and reusing it would hand one client another's answer: it is closed.
 """
 
 from __future__ import annotations
@@ -34,9 +40,12 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self._reset()
+        self._reset(b"")
 
-    def _reset(self) -> None:
+    def _reset(self, request_id: bytes) -> None:
+        self.request_id = request_id
+        self.in_flight = False  # a request was written and its response is not complete
+        self.messages = 0
         self.started = False
         self.complete = False
         self.status = 0
@@ -47,6 +56,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.readable = asyncio.Event()
         self.error: Exception | None = None
+        self.mismatch: bytes | None = None
         self.paused = False
 
     # asyncio.Protocol
@@ -55,6 +65,10 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight:
+            # Nobody asked for these bytes: an answer to a request we did not send.
+            self.close()
+            return
         self.started = True
         try:
             self.parser.feed_data(data)
@@ -73,11 +87,31 @@ class _Connection(asyncio.Protocol):
             self._fail(ResponseFailed(reason) if self.started else ConnectFailed(reason))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.messages += 1
+        if self.messages > 1:
+            # A second response on one request: the framing is lost. The first one (complete,
+            # already buffered) stands; the connection goes.
+            self.in_flight = False
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"content-type":
+        if self.messages != 1:
+            return
+        lower = name.lower()
+        if lower == b"content-type":
             self.content_type = value
+        elif lower == b"x-request-id" and self.request_id and value != self.request_id:
+            self.mismatch = value
 
     def on_headers_complete(self) -> None:
+        if self.messages != 1:
+            return
+        if self.mismatch is not None:
+            self._fail(ResponseFailed(
+                f"the response names request {self.mismatch[:64]!r}, not the one sent"))
+            self.close()
+            return
         self.status = self.parser.get_status_code()
         # Read here: httptools resets its keep-alive answer once the message completes.
         self.keep_alive = self.parser.should_keep_alive()
@@ -85,12 +119,16 @@ class _Connection(asyncio.Protocol):
             self.headers_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.messages != 1 or self.error is not None:
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         self.readable.set()
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if self.messages == 1:
+            self.complete = True
+            self.in_flight = False
         self.readable.set()
 
     def _fail(self, error: Exception) -> None:
@@ -103,6 +141,7 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes) -> None:
         """Write one whole request."""
         assert self.transport is not None
+        self.in_flight = True
         self.transport.write(request)
 
     def close(self) -> None:
@@ -161,11 +200,13 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
 
     async def request(
-        self, host: str, port: int, head: bytes, body: bytes
+        self, host: str, port: int, head: bytes, body: bytes, request_id: bytes = b""
     ) -> UpstreamResponse:
         """Send ``head`` (request line and headers, without Host and Content-Length) and
         ``body``; return once the response headers are in.
 
+        ``request_id`` is the ``x-request-id`` sent in ``head``: a response that carries a
+        different one is refused (:class:`ResponseFailed`) and its connection closed.
         A pooled connection that turns out to be closed is replaced once, transparently.
         """
         key = (host, port)
@@ -173,13 +214,15 @@ class UpstreamPool:
             head, b"host: ", f"{host}:{port}".encode(), b"\r\ncontent-length: ",
             str(len(body)).encode(), b"\r\n\r\n", body,
         ))
-        conn = self._take(key)
+        conn = self._take(key, request_id)
         if conn is not None:
             try:
                 return await self._exchange(conn, request)
             except ConnectFailed:
                 pass  # the instance had closed this idle connection: use a new one
-        return await self._exchange(await self._connect(key), request)
+        conn = await self._connect(key)
+        conn._reset(request_id)
+        return await self._exchange(conn, request)
 
     @staticmethod
     async def _exchange(conn: _Connection, request: bytes) -> UpstreamResponse:
@@ -191,12 +234,12 @@ class UpstreamPool:
             raise
         return UpstreamResponse(conn)
 
-    def _take(self, key: tuple[str, int]) -> _Connection | None:
+    def _take(self, key: tuple[str, int], request_id: bytes) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                conn._reset()
+                conn._reset(request_id)
                 return conn
         return None
 
@@ -213,7 +256,7 @@ class UpstreamPool:
 
     def release(self, conn: _Connection) -> None:
         """Keep a finished connection for reuse; close one that is not reusable."""
-        if conn.closed or not conn.complete or not conn.keep_alive:
+        if conn.closed or not conn.complete or not conn.keep_alive or conn.messages != 1:
             conn.close()
             return
         self._idle.setdefault(conn.key, []).append(conn)

@@ -11,7 +11,9 @@ request headers:
 
 ``GET /test/state`` reports what it saw: requests by id with their headers, and which ended
 because the client went away. ``POST /test/health`` with ``{"ok": false}`` makes ``/health``
-fail.
+fail. ``POST /test/fail`` with ``{"status": 500}`` answers every inference request without an
+``x-test-status`` header with that status (``{"status": 0}`` ends it) while ``/health`` stays
+200.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class BackendState:
     def __init__(self, name: str) -> None:
         self.name = name
         self.healthy = True
+        self.fail_status = 0
         self.requests: dict[str, dict[str, Any]] = {}
         self.cancelled: list[str] = []
         self.completed: list[str] = []
@@ -63,13 +66,14 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     except orjson.JSONDecodeError:
         return web.json_response({"error": {"message": "bad json", "code": 400}}, status=400)
     rid = request.headers.get("x-request-id", "none")
+    echo = {"x-request-id": rid, "x-backend": state.name}
     headers = {k.lower(): v for k, v in request.headers.items()}
     state.requests[rid] = {"headers": headers, "body": payload, "endpoint": endpoint}
     if request.headers.get("x-test-close"):
         assert request.transport is not None
         request.transport.close()
         raise web.HTTPBadRequest  # never reaches the client: the socket is gone
-    status = int(request.headers.get("x-test-status", "200"))
+    status = int(request.headers.get("x-test-status", "0")) or state.fail_status or 200
     if status != 200:
         return web.json_response(
             {"error": {"message": f"test backend {state.name} says {status}",
@@ -98,9 +102,8 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
                 "choices": [choice],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
                           "prompt_tokens_details": {"cached_tokens": 0}},
-            }, headers={"x-backend": state.name})
-        response = web.StreamResponse(headers={"content-type": "text/event-stream",
-                                               "x-backend": state.name})
+            }, headers=echo)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream", **echo})
         await response.prepare(request)
         chunks = int(request.headers.get("x-test-chunks", "3"))
         wait = bool(request.headers.get("x-test-chunk-wait"))
@@ -188,6 +191,12 @@ async def test_release(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+async def test_fail(request: web.Request) -> web.Response:
+    """``POST /test/fail`` ``{"status": int}``: answer inference requests so (0: normally)."""
+    _state(request).fail_status = int((await request.json())["status"])
+    return web.json_response({"ok": True})
+
+
 def make_app(name: str) -> web.Application:
     """The test backend's aiohttp app."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -197,7 +206,7 @@ def make_app(name: str) -> web.Application:
         web.get("/health", health), web.get("/v1/models", models),
         web.post("/v1/abort_requests", abort), web.get("/metrics", metrics),
         web.get("/test/state", test_state), web.post("/test/health", test_health),
-        web.post("/test/release", test_release),
+        web.post("/test/release", test_release), web.post("/test/fail", test_fail),
     ])
     return app
 

@@ -53,17 +53,22 @@ class Router:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.config_path = config_path
+        # Sent with every call (e.g. {"Authorization": "Bearer <admin key>"} for a router
+        # with keys).
+        self.headers: dict[str, str] = {}
 
     async def get(self, path: str) -> tuple[int, Any]:
         """GET a JSON endpoint."""
-        async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
+        async with aiohttp.ClientSession() as s, s.get(self.url + path,
+                                                       headers=self.headers) as r:
             return r.status, await r.json(content_type=None)
 
     async def post(self, path: str, body: Any = None, data: bytes | None = None,
                    headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
         """POST JSON (or raw bytes) and return status, decoded JSON and headers."""
         async with aiohttp.ClientSession() as s, s.post(
-            self.url + path, json=body if data is None else None, data=data, headers=headers
+            self.url + path, json=body if data is None else None, data=data,
+            headers={**self.headers, **(headers or {})},
         ) as r:
             raw = await r.read()
             try:
@@ -74,7 +79,8 @@ class Router:
 
     async def text(self, path: str) -> str:
         """GET a text endpoint (``/metrics``)."""
-        async with aiohttp.ClientSession() as s, s.get(self.url + path) as r:
+        async with aiohttp.ClientSession() as s, s.get(self.url + path,
+                                                       headers=self.headers) as r:
             return await r.text()
 
     async def instances(self) -> list[dict[str, Any]]:

@@ -27,3 +27,17 @@ async def test_launched_engines_register_serve_and_stop_with_the_router(
     assert "curl -s http://127.0.0.1:" in r.proc.output()
     assert r.proc.stop() == 0
     assert not _listening(port)
+
+
+async def test_launched_engines_register_with_the_admin_key(router: RouterFactory) -> None:
+    port = free_port()
+    r = router(auth={"admin-key": "launch-admin-key"},
+               launch=[{"name": "sim-0", "args": ["--model", "sim", "--host", "127.0.0.1",
+                                                  "--port", str(port), "--register-interval",
+                                                  "0.5"]}])
+    r.headers = {"Authorization": "Bearer launch-admin-key"}
+    await r.wait_healthy(1, timeout=120)
+    status, body, _ = await r.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    assert "launch-admin-key" not in r.proc.output()  # never on a logged command line
+    assert r.proc.stop() == 0

@@ -38,12 +38,13 @@ async def test_register_accepts_fastdeploy_payloads(backends, router: RouterFact
 async def test_reregistration_is_a_heartbeat_that_updates(backends, router: RouterFactory) -> None:
     (a,) = backends(1)
     r = router()
-    assert (await r.post("/register", a.payload(connector_port=1000)))[0] == 200
+    assert (await r.post("/register", a.payload(device_ids=[0])))[0] == 200
     (first,) = await r.instances()
-    assert (await r.post("/register", a.payload(connector_port=2000)))[0] == 200
+    # Ports and role are guarded on a live instance (tests/router/test_registration_rules.py).
+    assert (await r.post("/register", a.payload(device_ids=[0, 1])))[0] == 200
     instances = await r.instances()
     assert len(instances) == 1
-    assert instances[0]["connector_port"] == "2000"
+    assert instances[0]["device_ids"] == ["0", "1"]
     assert instances[0]["registered_at"] == first["registered_at"]
     assert instances[0]["last_seen"] >= first["last_seen"] >= first["registered_at"]
 

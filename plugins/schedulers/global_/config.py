@@ -31,6 +31,11 @@ class GlobalConfig(StrictModel):
         description="seconds to wait, after Redis was lost or restarted, for remote work to "
                     "show it survived before failing it",
     )
+    redis_max_connections: int = Field(
+        512, ge=1,
+        description="connections per client to Redis at most; a command finding all of them "
+                    "busy waits for one (up to 5 s) instead of failing",
+    )
 
     @property
     def redis_password(self) -> str | None:

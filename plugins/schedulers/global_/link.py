@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,6 +23,10 @@ log = structlog.get_logger(__name__)
 MIN_REDIS_VERSION = (6, 2)
 # Background loops retry a failing Redis this often at first, then at most every 2 s.
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
+# How long a command waits for a free pooled connection. redis-py's default pool raises "Too
+# many connections" at once past 100, which failed requests with 503 at 150 concurrent clients;
+# a command holds a connection for one round trip, so a short wait almost always suffices.
+_POOL_WAIT_SECS = 5.0
 
 
 class RedisLink:
@@ -84,13 +88,15 @@ class RedisLink:
 
 
 def _client(config: GlobalConfig, socket_timeout: float | None) -> Redis:
-    return Redis(
+    pool = BlockingConnectionPool(
+        max_connections=config.redis_max_connections, timeout=_POOL_WAIT_SECS,
         host=config.host, port=config.port, db=config.db, password=config.redis_password,
         socket_connect_timeout=2.0, socket_timeout=socket_timeout,
         # A pooled connection is dead after a Redis restart: reconnect at once, twice.
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis.from_pool(pool)
 
 
 class Backoff:
