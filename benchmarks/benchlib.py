@@ -290,3 +290,53 @@ def run_wrk(
         )
     first.cpu_s = round(cpu1 - cpu0, 3)
     return first
+
+
+def proc_usage(pid: int) -> dict[str, float | int | None]:
+    """Resident memory (MiB) and open file descriptors of process ``pid`` (None when gone)."""
+    rss = None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = round(int(line.split()[1]) / 1024, 1)
+        fds: int | None = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        fds = None
+    return {"rss_mib": rss, "fds": fds}
+
+
+def git_state(repo: Path) -> str:
+    """``git rev-parse --short HEAD``, plus "with uncommitted changes" when the tree is dirty."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
+                              capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo,
+                               capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    sha = head.stdout.strip()
+    return f"{sha} with uncommitted changes" if dirty.stdout.strip() else sha
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def replace_md_section(path: Path, heading: str, section: str) -> None:
+    """Replace the ``heading`` section of the Markdown file ``path`` (up to the next ``## ``
+    heading) with ``section``, or append it; the rest of the file is left alone."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == heading), None)
+    new = section.rstrip("\n").splitlines()
+    if start is None:
+        lines += ([""] if lines and lines[-1].strip() else []) + new
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        tail = lines[end:]
+        lines = lines[:start] + new + (["", *tail] if tail else [])
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -7,7 +7,8 @@ the same pieces for the endpoints it proxies.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
@@ -16,6 +17,9 @@ from starlette.responses import Response
 from fdcore.engine.openai_protocol import ChatCompletionRequest, CompletionRequest
 from fdcore.engine.responses import json_response
 from fdcore.http import MAX_REQUEST_ID, REQUEST_ID_RULE
+
+if TYPE_CHECKING:  # the router uses this module too, and needs no engine parts
+    from fdcore.engine.context import EngineContext
 
 REF = "#/components/schemas/{model}"
 # fdcore.http's rule as a JSON Schema pattern: visible ASCII, no space.
@@ -96,26 +100,47 @@ ABORT_BODY: dict[str, Any] = {
 }
 
 
-def request_schemas() -> dict[str, Any]:
-    """``components.schemas`` for the two inference bodies and every model they use."""
+def request_schemas(served_names: Sequence[str] = (), vocab_size: int = 0) -> dict[str, Any]:
+    """``components.schemas`` for the two inference bodies and every model they use.
+
+    An engine knows what it serves: ``served_names`` narrows ``model`` to them and
+    ``vocab_size`` bounds prompt token ids (the router, which does not know, passes neither).
+    """
     _, top = models_json_schema(
         [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
         ref_template=REF,
     )
     schemas: dict[str, Any] = top["$defs"]
     for name in ("ChatCompletionRequest", "CompletionRequest"):
+        fields = schemas[name]["properties"]
         # The field allows any string of the right length; fdcore.http narrows it.
-        schemas[name]["properties"]["request_id"] = {
+        fields["request_id"] = {
             "anyOf": [{"type": "string", "pattern": REQUEST_ID_PATTERN}, {"type": "null"}],
             "default": None, "description": REQUEST_ID_RULE,
         }
+        if served_names:
+            fields["model"] = {"anyOf": [{"enum": sorted(served_names)}, {"type": "null"}],
+                               "default": None}
+    schemas["CompletionRequest"]["properties"]["prompt"] = _prompt(vocab_size)
     return {**schemas, "Error": ERROR_SCHEMA}
+
+
+def _prompt(vocab_size: int) -> dict[str, Any]:
+    token: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if vocab_size:
+        token["maximum"] = vocab_size - 1
+    ids = {"type": "array", "items": token, "minItems": 1}
+    text = {"type": "string", "minLength": 1}
+    return {"description": "a string, a list of token ids, or a one-element list of either",
+            "anyOf": [text, ids, {"type": "array", "items": text, "minItems": 1, "maxItems": 1},
+                      {"type": "array", "items": ids, "minItems": 1, "maxItems": 1}]}
 
 
 def inference_paths(*error_statuses: int) -> dict[str, Any]:
     """``paths`` entries for ``/v1/chat/completions`` and ``/v1/completions``."""
     stream = {"application/json": {"schema": {"type": "object"}},
-              "text/event-stream": {"schema": {"type": "string"}}}
+              "text/event-stream": {"schema": {  # each event: data is a JSON chunk or [DONE]
+                  "type": "object", "properties": {"data": {"type": "string"}}}}}
     return {
         path: {"post": operation(
             summary, stream, *error_statuses,
@@ -128,17 +153,17 @@ def inference_paths(*error_statuses: int) -> dict[str, Any]:
     }
 
 
-def document(title: str, paths: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAPI 3.1 document around ``paths``, with the shared component schemas."""
+def document(title: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI 3.1 document around ``paths`` and the component ``schemas``."""
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": "1"},
         "paths": paths,
-        "components": {"schemas": request_schemas()},
+        "components": {"schemas": schemas},
     }
 
 
-def engine_document() -> dict[str, Any]:
+def engine_document(served_names: Sequence[str] = (), vocab_size: int = 0) -> dict[str, Any]:
     """The engine's document: every route of :func:`fdcore.engine.app.build_app`."""
     return document("fdcore engine", {
         **inference_paths(400, 409, 413, 429, 503),
@@ -149,9 +174,10 @@ def engine_document() -> dict[str, Any]:
         "/health": {"get": operation("200 while serving", ANY_JSON, 503)},
         "/metrics": {"get": operation("Prometheus text", TEXT)},
         "/openapi.json": {"get": operation("this document", ANY_JSON)},
-    })
+    }, request_schemas(served_names, vocab_size))
 
 
 async def openapi(request: Request) -> Response:
-    """``GET /openapi.json``: the engine's OpenAPI document."""
-    return json_response(engine_document())
+    """``GET /openapi.json``: the engine's OpenAPI document, for the model it serves."""
+    ctx: EngineContext = request.app.state.engine
+    return json_response(engine_document(sorted(ctx.served_names), ctx.vocab_size))

@@ -48,6 +48,7 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p; the first always stays.
         drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        drop[0] = False  # in float32 a tiny top_p rounds so that even the first would go
         scaled = scaled.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen).item())

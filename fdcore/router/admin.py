@@ -219,6 +219,12 @@ async def abort_requests(request: Request) -> Response:
     req_ids: list[str] = payload.get("req_ids") or []
     if not isinstance(abort_all, bool):
         return error_response(400, "abort_all: must be a boolean", param="abort_all")
+    keys: Keys = request.app.state.auth
+    if abort_all and keys.configured and not keys.is_admin(request.scope["headers"]):
+        # An API key may abort requests by id; ending every client's requests is an
+        # operator's act, even where API keys alone open the admin endpoints.
+        return error_response(403, "abort_all needs the admin key (auth.admin-key)",
+                              "permission_error", param="abort_all")
     if not abort_all and (
         not isinstance(req_ids, list) or not all(isinstance(r, str) for r in req_ids) or not req_ids
     ):

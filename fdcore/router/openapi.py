@@ -19,6 +19,7 @@ from fdcore.engine.openapi import (
     errors,
     inference_paths,
     operation,
+    request_schemas,
 )
 from fdcore.router.errors import json_response
 
@@ -84,7 +85,7 @@ def router_document() -> dict[str, Any]:
     paths["/health"] = {"get": operation("the router itself", ANY_JSON)}
     paths["/metrics"] = {"get": operation("Prometheus text", TEXT)}
     paths["/openapi.json"] = {"get": operation("this document", ANY_JSON)}
-    doc = document("fdcore router", paths)
+    doc = document("fdcore router", paths, request_schemas())
     doc["components"]["securitySchemes"] = {"bearer": {
         "type": "http", "scheme": "bearer",
         "description": "an API key (inference) or the admin key (the rest); X-Admin-Key too",

@@ -14,9 +14,12 @@ Each instance has a :class:`Breaker`, in one of two states:
   counts this opening too. Outcomes of requests still in flight are ignored while open, so
   they cannot prolong the ejection. At ``ejected_until`` it is closed again with a count of 0.
 
-What counts: ``Outcome.ERROR`` (a 5xx answer, a connect failure, a broken answer) and
-``Outcome.TIMEOUT`` are failures; ``Outcome.SUCCESS`` (any status below 500, 4xx included:
-the client's fault) resets the count; ``Outcome.DISCONNECT`` (the client left) is ignored.
+What counts: ``Outcome.ERROR`` (a 5xx answer, a connect failure, a broken answer) is a
+failure; ``Outcome.SUCCESS`` (any status below 500, 4xx included: the client's fault) resets
+the count; ``Outcome.DISCONNECT`` (the client left) and ``Outcome.TIMEOUT`` are ignored. A
+timeout is what a busy instance gives under a burst: ejecting it moves its load onto the others
+and can cascade (the reliability benchmark saw a healthy engine ejected that way); a stopped
+instance is the health check's to take out.
 
 The cap: of ``n`` instances of a role in selection, at most :func:`allowed_ejections` ``(n)``
 are ejected at once: ``n`` at 100 %, none at 0 %, otherwise
@@ -104,7 +107,7 @@ class OutlierDetector:
 
         ``pool`` is the instances of its role in selection, the base of the cap.
         """
-        if not self.config.enabled or outcome is Outcome.DISCONNECT:
+        if not self.config.enabled or outcome in (Outcome.DISCONNECT, Outcome.TIMEOUT):
             return False
         now = self.clock()
         breaker = self.breaker(instance.url)

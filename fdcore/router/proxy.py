@@ -33,7 +33,7 @@ log = structlog.get_logger("fdcore.proxy")
 _HOP_HEADERS = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"host",
-    b"accept-encoding", b"x-request-id", b"expect", b"x-fdcore-via",
+    b"accept-encoding", b"x-request-id", b"expect", b"x-fdcore-via", b"x-admin-key",
 })
 # Router ids a request has passed through; a router that finds its own id refuses the loop.
 VIA_HEADER = b"x-fdcore-via"
@@ -98,7 +98,7 @@ class Proxy:
 
     def __init__(
         self, selector: Selector, metrics: RouterMetrics, config: ProxyConfig, max_body: int,
-        splitwise: bool = False, drain: Drain | None = None,
+        splitwise: bool = False, drain: Drain | None = None, router_keys: bool = False,
     ) -> None:
         self.selector = selector
         self.metrics = metrics
@@ -106,6 +106,9 @@ class Proxy:
         self.max_body = max_body
         self.splitwise = splitwise
         self.drain = drain
+        # The router's own keys never travel on to an instance (a rogue one would collect
+        # them); without router keys, Authorization is the instances' business and passes.
+        self._skip = _HOP_HEADERS | ({b"authorization"} if router_keys else set())
         self.pool = UpstreamPool(config.connect_timeout_secs)
         self.router_id = f"{random.getrandbits(64):016x}".encode()
         self._active: dict[_Exchange, asyncio.Task[Any]] = {}
@@ -234,7 +237,7 @@ class Proxy:
         for name, value in scope["headers"]:
             if name == VIA_HEADER:
                 via = value + b"," + self.router_id
-            elif name not in _HOP_HEADERS:
+            elif name not in self._skip:
                 parts += (name, b": ", value, b"\r\n")
         parts += (b"x-request-id: ", ex.request_id.encode("ascii"), b"\r\n",
                   VIA_HEADER, b": ", via, b"\r\n")

@@ -127,7 +127,8 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         health=HealthManager(instances, check, manager),
         selector=selector,
         proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes,
-                    config.server.splitwise, drain=drain),
+                    config.server.splitwise, drain=drain,
+                    router_keys=bool(config.auth.api_keys or config.auth.admin_key)),
         stats=StatsLogger(instances, config.scheduler.stats_interval_secs),
         drain=drain,
     )

@@ -84,6 +84,13 @@ async def test_api_keys_guard_inference_and_open_the_admin_endpoints_without_an_
         assert_denied(await call(r, method, path, body))
     assert_denied(await call(r, "POST", "/register", backend.payload()))
     assert (await call(r, "POST", "/register", backend.payload(), key="key-one"))[0] == 200
+    # Abort by id is a client's; abort-all needs the admin key, which is not configured here.
+    status, body = (await call(r, "POST", "/v1/abort_requests", {"req_ids": ["x"]},
+                               key="key-one"))[:2]
+    assert status == 200, body
+    status, body = (await call(r, "POST", "/v1/abort_requests", {"abort_all": True},
+                               key="key-one"))[:2]
+    assert status == 403 and "admin key" in body["error"]["message"], body
     # Probes and Prometheus stay open.
     assert (await call(r, "GET", "/health"))[0] == 200
     assert (await call(r, "GET", "/metrics"))[0] == 200
@@ -109,6 +116,9 @@ async def test_the_openai_client_sends_its_api_key(backends: BackendFactory, rou
     finally:
         await client.close()
         await wrong.close()
+    # The router's key stays with the router: no instance ever sees it.
+    seen = (await backend.state())["requests"]
+    assert seen and all("authorization" not in r["headers"] for r in seen.values())
 
 
 async def test_the_admin_key_guards_admin_endpoints_and_inference_stays_open(

@@ -152,6 +152,6 @@ async def test_oversized_request_head_is_refused(
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1") else 0
     if http_server == "uvicorn":  # fdcore's lingering close: the 431 always arrives
         assert status == 431 and b"request_header_fields_too_large" in answer, answer[:200]
-    else:  # hypercorn answers 400 at 16 KiB and closes at once: a reset may eat the answer
-        assert status == 400 or answer == b"", answer[:200]
+    else:  # hypercorn (h11) answers 400 or 431 at 16 KiB and closes at once: a reset may eat it
+        assert status in (400, 431) or answer == b"", answer[:200]
     await wait_until(lambda: _health_ok(r))
