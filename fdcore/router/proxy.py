@@ -16,7 +16,7 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fdcore.config import ProxyConfig
-from fdcore.http import BadRequestId, bad_header, check_request_id
+from fdcore.http import BadRequestId, bad_header_value, check_request_id
 from fdcore.router.errors import ClientError, error_body
 from fdcore.router.metrics import RouterMetrics
 from fdcore.router.prompts import PROMPT_READERS, check_common
@@ -181,7 +181,7 @@ class Proxy:
                     raise ClientError(508, "request loop: this request has already passed "
                                       "through this router (an instance registered under "
                                       "the router's own address?)", type_="loop_detected")
-            elif bad_header(name, value):
+            elif bad_header_value(value):
                 raise ClientError(400, f"header {name.decode('latin-1')!r}: contains control "
                                   "characters and cannot be forwarded", param=None)
         return request_id
