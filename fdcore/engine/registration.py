@@ -105,6 +105,10 @@ class Registrar:
             ) as resp:
                 detail = (await resp.text())[:200]
                 ok = resp.status in (200, 404)  # 404: the router had forgotten it already
+        except aiohttp.ClientConnectorError:
+            # The router is gone or stopping (it stops the engines it launched after closing
+            # its listener): nothing is left to deregister from.
+            ok, detail = True, "the router is not listening"
         except Exception as exc:  # stopping goes on whatever the router does
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         (log.info if ok else log.warning)(
