@@ -17,11 +17,12 @@ import resource
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import structlog
 from starlette.types import ASGIApp
 
+from fdcore.drain import Drain
 from fdcore.server_limits import RequestGuard, ServerLimits
 
 HttpServer = Literal["uvicorn", "hypercorn"]
@@ -30,16 +31,6 @@ log = structlog.get_logger("fdcore.server")
 FLUSH_SECONDS = 2.0
 # File descriptors besides client connections: upstream pools, logs, Redis, the listeners.
 _FD_HEADROOM = 256
-
-
-class Drainable(Protocol):
-    """What a server tells the app it serves while it drains (``fdcore.drain.Drain``)."""
-
-    def begin(self) -> None:
-        """The server stopped accepting connections; in-flight requests may finish."""
-
-    def expire(self) -> None:
-        """The grace period is over: end what is still in flight now."""
 
 
 class _Signals:
@@ -71,7 +62,7 @@ class _Signals:
 
 async def serve_app(
     app: ASGIApp, host: str, port: int, server: HttpServer = "uvicorn",
-    limits: ServerLimits | None = None, drain: Drainable | None = None,
+    limits: ServerLimits | None = None, drain: Drain | None = None,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then drain (see the module docstring).
 
@@ -83,7 +74,7 @@ async def serve_app(
 
 async def serve_apps(
     apps: Sequence[tuple[ASGIApp, int]], host: str, server: HttpServer = "uvicorn",
-    limits: ServerLimits | None = None, drain: Drainable | None = None,
+    limits: ServerLimits | None = None, drain: Drain | None = None,
 ) -> None:
     """Serve each ``(app, port)`` on ``host``; one signal drains them all together."""
     limits = limits or ServerLimits()

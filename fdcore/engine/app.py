@@ -43,11 +43,14 @@ async def models(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """``GET /health``: 200 once the engine serves; 503 while its scheduler reports a problem.
+    """``GET /health``: 200 once the engine serves; 503 while its scheduler reports a problem,
+    and 503 ``draining`` once SIGTERM has begun a drain (so routers stop sending).
 
     A scheduler may define ``health() -> str | None`` (e.g. ``global``: Redis unreachable).
     """
     ctx: EngineContext = request.app.state.engine
+    if ctx.drain.draining:
+        return json_response({"status": "draining"}, 503)
     check = getattr(ctx.scheduler, "health", None)
     problem = check() if check is not None else None
     if problem:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from fdcore.drain import Drain
 from fdcore.engine.metrics import EngineMetrics
 from fdcore.engine.runner import Tokenizer
 from fdcore.engine.serving import Serving
@@ -25,3 +26,4 @@ class EngineContext:
     metrics: EngineMetrics
     instance_id: str
     max_body_bytes: int
+    drain: Drain = field(default_factory=Drain)  # begun by the server on SIGTERM

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 import uvloop
 from pydantic import ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from fdcore.drain import Drain
 from fdcore.engine.app import Component, build_app, build_metrics_app
@@ -18,7 +18,6 @@ from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig, describe
 from fdcore.engine.context import EngineContext
 from fdcore.engine.loader import LoadedModel, load
 from fdcore.engine.registration import Registrar, advertised_ip, register_payload
-from fdcore.engine.responses import json_response
 from fdcore.engine.serving import Serving
 from fdcore.engine.torch_thread import on_torch_thread
 from fdcore.errors import StartupError
@@ -104,10 +103,8 @@ async def _serve(
         health_url = f"http://{local}:{config.port}/health"
         components.append(Registrar(config.router, payload, config.register_interval, health_url,
                                     config.router_admin_key))
-    drain = Drain()
-    apps: list[tuple[ASGIApp, int]] = [
-        (_DrainingHealth(build_app(ctx, components), drain), config.port)
-    ]
+    drain = ctx.drain
+    apps: list[tuple[ASGIApp, int]] = [(build_app(ctx, components), config.port)]
     if metrics_port != config.port:
         apps.append((build_metrics_app(ctx), metrics_port))
     # Started before the servers (not in their lifespan) so that a plugin's StartupError, such
@@ -123,21 +120,6 @@ async def _serve(
         await scheduler.stop()
     log.info("engine.stopped", used_blocks=parts.blocks.num_used,
              available_blocks=parts.blocks.num_available, total_blocks=parts.blocks.num_blocks)
-
-
-class _DrainingHealth:
-    """Answers ``GET /health`` with 503 ``draining`` once a drain has begun, so that a router
-    or load balancer asking on an open connection stops sending; the rest goes to the app."""
-
-    def __init__(self, app: ASGIApp, drain: Drain) -> None:
-        self.app = app
-        self.drain = drain
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.drain.draining and scope["type"] == "http" and scope["path"] == "/health":
-            await json_response({"status": "draining"}, 503)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 async def _abort_on_expiry(drain: Drain, serving: Serving) -> None:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fdcore.router.addresses import RegistrationRules, resolve
+from fdcore.router.addresses import resolve
 from fdcore.router.auth import Keys
 from fdcore.router.errors import ClientError, error_response, json_response
 from fdcore.router.instances import guarded_changes
@@ -73,7 +73,7 @@ async def register(request: Request) -> Response:
         return _register_error(400, "only MIXED instances are allowed (start the router with "
                                     "--splitwise for prefill/decode)")
     try:
-        addresses = await RegistrationRules(state.config).check(instance.host_ip, instance.port)
+        addresses = await state.registration.check(instance.host_ip, instance.port)
     except ClientError as exc:
         return _register_error(exc.status, exc.message, exc.type)
     known = state.instances.find(instance.url, instance.port, addresses)

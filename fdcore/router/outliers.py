@@ -109,12 +109,16 @@ class OutlierDetector:
         """
         if not self.config.enabled or outcome in (Outcome.DISCONNECT, Outcome.TIMEOUT):
             return False
+        if outcome is Outcome.SUCCESS:
+            # The per-request common case, without a clock read. The count is 0 already while
+            # the breaker is open (ejection resets it), so this holds in either state.
+            found = self._breakers.get(instance.url)
+            if found is not None:
+                found.consecutive_failures = 0
+            return False
         now = self.clock()
         breaker = self.breaker(instance.url)
         if breaker.is_open(now):
-            return False
-        if outcome is Outcome.SUCCESS:
-            breaker.consecutive_failures = 0
             return False
         breaker.consecutive_failures += 1
         if breaker.consecutive_failures < self.config.consecutive_failures:

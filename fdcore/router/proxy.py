@@ -39,6 +39,7 @@ _HOP_HEADERS = frozenset({
 VIA_HEADER = b"x-fdcore-via"
 _MAX_HOPS = 8
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+_PATHS = {name: path.encode() for name, path in ENDPOINT_PATHS.items()}
 _JSON = b"application/json"
 
 
@@ -166,9 +167,13 @@ class Proxy:
         log.debug("request done", request_id=ex.request_id, endpoint=ex.endpoint,
                   status=ex.status, seconds=round(elapsed, 6))
 
-    def _check_head(self, scope: Scope) -> str:
-        """Validate the client's headers; return its ``X-Request-Id`` ("" when absent)."""
+    def _read_head(self, scope: Scope) -> tuple[str, list[bytes]]:
+        """Check the client's headers in one pass; return its ``X-Request-Id`` ("" when absent)
+        and the header lines to forward, ending with this router's ``X-Fdcore-Via``."""
         request_id = ""
+        via = self.router_id
+        lines: list[bytes] = []
+        skip = self._skip
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 try:
@@ -181,13 +186,17 @@ class Proxy:
                     raise ClientError(508, "request loop: this request has already passed "
                                       "through this router (an instance registered under "
                                       "the router's own address?)", type_="loop_detected")
+                via = value + b"," + self.router_id
             elif bad_header_value(value):
                 raise ClientError(400, f"header {name.decode('latin-1')!r}: contains control "
                                   "characters and cannot be forwarded", param=None)
-        return request_id
+            elif name not in skip:
+                lines += (name, b": ", value, b"\r\n")
+        lines += (VIA_HEADER, b": ", via, b"\r\n")
+        return request_id, lines
 
     async def _handle(self, ex: _Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-        ex.request_id = self._check_head(scope)
+        ex.request_id, lines = self._read_head(scope)
         if self.splitwise:
             # Instances register with their roles already; pairing them comes with PD routing.
             raise ClientError(501, "prefill/decode (splitwise) routing is not available in this "
@@ -204,7 +213,8 @@ class Proxy:
             # Unique, not secret: the cheapest 128 random bits.
             ex.request_id = payload.get("request_id") or f"{random.getrandbits(128):032x}"
         route = RouteRequest(ex.request_id, ex.endpoint, prompt, payload, len(prompt), Role.MIXED)
-        head = self._head(ex, scope)
+        head = b"".join((b"POST ", _PATHS[ex.endpoint], b" HTTP/1.1\r\n", *lines,
+                         b"x-request-id: ", ex.request_id.encode("ascii"), b"\r\n"))
         stream = payload.get("stream") is True
         # After the body, the only message ``receive`` can bring is http.disconnect: watch it
         # and cancel this task when it comes.
@@ -230,18 +240,6 @@ class Proxy:
             del self._active[ex]
             watcher.remove_done_callback(on_disconnect)
             watcher.cancel()
-
-    def _head(self, ex: _Exchange, scope: Scope) -> bytes:
-        parts = [b"POST ", ENDPOINT_PATHS[ex.endpoint].encode(), b" HTTP/1.1\r\n"]
-        via = self.router_id
-        for name, value in scope["headers"]:
-            if name == VIA_HEADER:
-                via = value + b"," + self.router_id
-            elif name not in self._skip:
-                parts += (name, b": ", value, b"\r\n")
-        parts += (b"x-request-id: ", ex.request_id.encode("ascii"), b"\r\n",
-                  VIA_HEADER, b": ", via, b"\r\n")
-        return b"".join(parts)
 
     async def _route(
         self, ex: _Exchange, route: RouteRequest, head: bytes, body: bytes, stream: bool,

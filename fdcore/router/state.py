@@ -13,6 +13,7 @@ from fdcore.config import RouterConfig, option_keys, policy_config, read_yaml
 from fdcore.drain import Drain
 from fdcore.errors import StartupError
 from fdcore.plugins import PluginSet
+from fdcore.router.addresses import RegistrationRules
 from fdcore.router.health import HealthManager
 from fdcore.router.instances import InstanceRegistry
 from fdcore.router.metrics import RouterMetrics
@@ -38,6 +39,7 @@ class RouterState:
     proxy: Proxy
     stats: StatsLogger
     drain: Drain  # set by the server on SIGTERM (fdcore/server.py); read by /health, proxy
+    registration: RegistrationRules  # what POST /register checks before the health probe
 
     http: aiohttp.ClientSession | None = None
 
@@ -131,4 +133,5 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
                     router_keys=bool(config.auth.api_keys or config.auth.admin_key)),
         stats=StatsLogger(instances, config.scheduler.stats_interval_secs),
         drain=drain,
+        registration=RegistrationRules(config),
     )

@@ -10,13 +10,17 @@ import json
 import signal
 import socket
 from collections.abc import Callable, MutableMapping
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
 
 from fdcore.drain import Drain
-from fdcore.engine.server import _DrainingHealth
+from fdcore.engine.app import health
 from tests.engine_serving.conftest import Engine, wait_until
 
 
@@ -80,12 +84,13 @@ def test_sigterm_drains_running_sequences(
 
 def test_health_says_draining_once_the_drain_begins() -> None:
     # Under hypercorn idle connections close at the signal, so few clients ever see this
-    # answer over the wire; it is checked here at the ASGI level.
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+    # answer over the wire; it is checked here on the engine's own /health handler.
+    ctx = SimpleNamespace(drain=Drain(), scheduler=object())
+    app = Starlette(routes=[Route("/health", health), Route("/v1/models", lambda r: ok)])
+    ok = Response(b"ok")
+    app.state.engine = ctx
 
-    async def call(wrapped: _DrainingHealth, path: str) -> tuple[int, bytes]:
+    async def call(path: str) -> tuple[int, bytes]:
         sent: list[MutableMapping[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -94,14 +99,12 @@ def test_health_says_draining_once_the_drain_begins() -> None:
         async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
-        await wrapped({"type": "http", "method": "GET", "path": path, "headers": []},
-                      receive, send)
+        await app({"type": "http", "method": "GET", "path": path, "headers": [],
+                   "query_string": b""}, receive, send)
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
-    drain = Drain()
-    wrapped = _DrainingHealth(app, drain)
-    assert asyncio.run(call(wrapped, "/health")) == (200, b"ok")
-    drain.begin()
-    status, body = asyncio.run(call(wrapped, "/health"))
+    assert asyncio.run(call("/health")) == (200, b'{"status":"ok"}')
+    ctx.drain.begin()
+    status, body = asyncio.run(call("/health"))
     assert (status, orjson.loads(body)) == (503, {"status": "draining"})
-    assert asyncio.run(call(wrapped, "/v1/models")) == (200, b"ok")
+    assert asyncio.run(call("/v1/models")) == (200, b"ok")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 from schemathesis import BaseSchema, GenerationMode
@@ -58,3 +58,17 @@ def call_and_check(case: schemathesis.Case) -> None:
     if 400 <= response.status_code < 500:
         error = response.json()["error"]
         assert isinstance(error["message"], str) and error["message"], response.text[:500]
+
+
+def fuzz_operation(schema: BaseSchema, method: str, path: str) -> None:
+    """Run :data:`OPENAPI_SETTINGS`' cases of one operation through :func:`call_and_check`."""
+    sent = []
+
+    @given(case=openapi_cases(schema, method, path))
+    @OPENAPI_SETTINGS
+    def run(case: schemathesis.Case) -> None:
+        sent.append(case)
+        call_and_check(case)
+
+    run()
+    assert sent

@@ -12,7 +12,6 @@ from typing import cast
 import pytest
 import requests
 import schemathesis
-from hypothesis import given
 from schemathesis import BaseSchema
 
 from fdcore.engine.app import build_app
@@ -23,10 +22,8 @@ from fdcore.testing.cluster import wait_until
 from tests.fuzz.conftest import CHAT, EngineUnderTest, free_blocks
 from tests.fuzz.hostile import HostileHTTP, Target
 from tests.fuzz.schema_cases import (
-    OPENAPI_SETTINGS,
     app_operations,
-    call_and_check,
-    openapi_cases,
+    fuzz_operation,
     operations,
 )
 
@@ -67,16 +64,7 @@ def test_schema_lists_every_route(engine_schema: BaseSchema) -> None:
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS)
 def test_openapi_cases(engine_schema: BaseSchema, method: str, path: str) -> None:
-    sent = []
-
-    @given(case=openapi_cases(engine_schema, method, path))
-    @OPENAPI_SETTINGS
-    def run(case: schemathesis.Case) -> None:
-        sent.append(case)
-        call_and_check(case)
-
-    run()
-    assert sent
+    fuzz_operation(engine_schema, method, path)
 
 
 @pytest.mark.parametrize("sampling", [{"top_p": 5e-324}, {"top_p": 1e-46},

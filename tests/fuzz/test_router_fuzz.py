@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import requests
 import schemathesis
-from hypothesis import given
 from schemathesis import BaseSchema
 
 from fdcore.config import load_router_config
@@ -17,10 +16,8 @@ from fdcore.router.openapi import router_document
 from tests.fuzz.conftest import CHAT, RouterUnderTest
 from tests.fuzz.hostile import HostileHTTP, Target
 from tests.fuzz.schema_cases import (
-    OPENAPI_SETTINGS,
     app_operations,
-    call_and_check,
-    openapi_cases,
+    fuzz_operation,
     operations,
 )
 
@@ -68,16 +65,7 @@ def test_schema_lists_every_route(router_schema: BaseSchema) -> None:
 
 @pytest.mark.parametrize(("method", "path"), OPERATIONS)
 def test_openapi_cases(router_schema: BaseSchema, method: str, path: str) -> None:
-    sent = []
-
-    @given(case=openapi_cases(router_schema, method, path))
-    @OPENAPI_SETTINGS
-    def run(case: schemathesis.Case) -> None:
-        sent.append(case)
-        call_and_check(case)
-
-    run()
-    assert sent
+    fuzz_operation(router_schema, method, path)
 
 
 class TestHostileHTTP(HostileHTTP):
