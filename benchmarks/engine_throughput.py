@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fdcore.engine.assembly import EngineParts, assemble
 from fdcore.engine.config import EngineConfig
+from fdcore.engine.engine import Engine, build_engine
 from fdcore.engine.loader import LoadedModel, load
 from fdcore.engine.torch_thread import on_torch_thread
 from fdcore.plugins import load_plugins
@@ -34,24 +34,20 @@ TOPICS = ["rivers", "castles", "volcanoes", "orchards", "comets", "harbours", "g
 
 
 @contextlib.asynccontextmanager
-async def running(model: LoadedModel, config: EngineConfig) -> AsyncIterator[EngineParts]:
+async def running(model: LoadedModel, config: EngineConfig) -> AsyncIterator[Engine]:
     """An engine behind a fresh ``local`` scheduler, started and stopped around the block."""
     component = load_plugins("default").registry.get("scheduler", "local")
     scheduler = component.cls(component.cls.Config.model_validate({}),
                               SchedulerContext("bench", "127.0.0.1", 0, config.block_size))
-    parts = assemble(config, model, scheduler)
-    await scheduler.start()
-    await parts.engine.start()
-    await parts.serving.start()
+    engine = build_engine(config, model, scheduler, "127.0.0.1")
+    await engine.start()
     try:
-        yield parts
+        yield engine
     finally:
-        await parts.serving.stop()
-        await parts.engine.stop()
-        await scheduler.stop()
+        await engine.stop()
 
 
-async def submit_all(parts: EngineParts, prompts: list[list[int]], max_tokens: int
+async def submit_all(engine: Engine, prompts: list[list[int]], max_tokens: int
                      ) -> tuple[float, int, list[float]]:
     """Submit every prompt at once; return (seconds, generated tokens, TTFT of each)."""
     start = time.perf_counter()
@@ -60,7 +56,7 @@ async def submit_all(parts: EngineParts, prompts: list[list[int]], max_tokens: i
         sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         request = EngineRequest(f"r{time.monotonic_ns()}-{i}", ids, sampling, time.time())
         ttft, tokens = 0.0, 0
-        async for output in await parts.serving.submit(request):
+        async for output in await engine.serving.submit(request):
             if output.token_ids and not ttft:
                 ttft = time.perf_counter() - start
             tokens = output.completion_tokens
@@ -82,10 +78,10 @@ async def fdcore_rates(model: LoadedModel, config: EngineConfig, batches: list[i
                        tokens: int) -> dict[int, float]:
     """fdcore's generated tokens per second at each concurrency."""
     rates = {}
-    async with running(model, config) as parts:
-        await submit_all(parts, equal_prompts(model, 2), 4)  # warm-up
+    async with running(model, config) as engine:
+        await submit_all(engine, equal_prompts(model, 2), 4)  # warm-up
         for batch in batches:
-            seconds, generated, _ = await submit_all(parts, equal_prompts(model, batch), tokens)
+            seconds, generated, _ = await submit_all(engine, equal_prompts(model, batch), tokens)
             rates[batch] = generated / seconds
     return rates
 
@@ -115,16 +111,16 @@ async def prefix_ttft(model: LoadedModel, config: EngineConfig, rounds: int
                       ) -> tuple[float, float, int, int]:
     """Median TTFT of a ~1000-token prompt: cold vs with its first 90% cached."""
     cold, warm = [], []
-    async with running(model, config) as parts:
-        await submit_all(parts, equal_prompts(model, 1), 1)  # warm-up
+    async with running(model, config) as engine:
+        await submit_all(engine, equal_prompts(model, 1), 1)  # warm-up
         for r in range(rounds):
             shared = model.tokenizer.encode(f"Round {r}. " + " ".join(
                 f"Fact {i}: the {TOPICS[(i + r) % 16]} of region {i} are well documented."
                 for i in range(70)))[:900]
             tail = [model.tokenizer.encode(f" Question {k}: summarise " + "the facts above " * 8)
                     [:100] for k in range(2)]
-            _, _, [t_cold] = await submit_all(parts, [shared + tail[0]], 1)
-            _, _, [t_warm] = await submit_all(parts, [shared + tail[1]], 1)
+            _, _, [t_cold] = await submit_all(engine, [shared + tail[0]], 1)
+            _, _, [t_warm] = await submit_all(engine, [shared + tail[1]], 1)
             cold.append(t_cold)
             warm.append(t_warm)
     return statistics.median(cold), statistics.median(warm), len(shared), len(shared) + 100

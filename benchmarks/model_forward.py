@@ -21,9 +21,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from fdcore.engine.model import TorchRunner, load_model
-from fdcore.engine.model.fetch import fetch_smollm2
 from fdcore.engine.runner import SeqInput
+from fdcore.engine.runners.torch import TorchRunner, load_model
+from fdcore.engine.runners.torch.fetch import fetch_smollm2
 
 Clock = Callable[[], float]
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from fdcore import __version__
 from fdcore.errors import StartupError
+
+# The top-level modules of the `engine` extra (pyproject.toml): `pip install fdcore` has none.
+ENGINE_MODULES = ("numpy", "torch", "safetensors", "gguf", "tokenizers", "jinja2")
 
 
 def _serve_parser(sub: Any) -> None:
@@ -32,8 +36,13 @@ def _plugin_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plugins_parser(sub: Any) -> None:
-    p = sub.add_parser("plugins", help="list plugins and what they registered")
+    p = sub.add_parser(
+        "plugins", help="list plugins, what they registered and each component's options",
+        description="List plugins, what they registered and each component's options. With "
+                    "--plugins all, a plugin that fails to load is listed with its error and the "
+                    "exit status is 1; a plugin named on purpose must load.")
     _plugin_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=_run_plugins)
 
 
@@ -49,6 +58,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from fdcore.router.launcher import Launcher
     from fdcore.server import run, serve_app
     from fdcore.server_limits import ServerLimits
+    from fdcore.types import HostInfo
 
     overrides: dict[str, dict[str, Any]] = {}
     for section, key, value in (
@@ -60,7 +70,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     config = load_router_config(args.config, overrides)
     configure_logging(config.log.level, config.log.format, config.log.output, config.log.file)
     plugins = load_plugins(
-        args.plugins or config.plugins.enable, [*config.plugins.block, *_blocked(args)]
+        args.plugins or config.plugins.enable, [*config.plugins.block, *_blocked(args)],
+        host=HostInfo("router", __version__),
     )
     app = create_app(config, plugins)
     launcher = Launcher(config)
@@ -79,13 +90,41 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_plugins(args: argparse.Namespace) -> int:
-    from fdcore.plugins import load_plugins
+    from fdcore.plugins import describe_plugins, load_plugins, parse_plugin_spec
 
-    loaded = load_plugins(args.plugins or "default", _blocked(args))
-    for info in loaded.plugins:
-        registered = ", ".join(f"{c.family} {c.name}" for c in info.components) or "nothing"
-        print(f"{info.name:<24} {info.distribution} {info.version:<10} {registered}")
-    return 0
+    # `all` lists what is installed, broken plugins included; plugins named on purpose must
+    # load, as they must for `fdcore serve`.
+    tolerant = "all" in parse_plugin_spec(args.plugins or "default")
+    loaded = load_plugins(args.plugins or "default", _blocked(args), tolerant=tolerant)
+    described = describe_plugins(loaded)
+    if args.json:
+        import json
+
+        print(json.dumps(described, indent=2))
+    for info in described if not args.json else ():
+        registered = ", ".join(f"{c['family']} {c['name']}" for c in info["components"])
+        status = f"FAILED: {info['error']}" if info["error"] else registered or "nothing"
+        print(f"{info['name']:<24} {info['distribution']} {info['version']:<10} {status}")
+        for component in info["components"]:
+            options = ", ".join(
+                f"{o['key']} ({o['type']}, default {o['default']})" for o in component["options"]
+            )
+            print(f"    {component['family']} {component['name']}: {options or 'no options'}")
+        if info["error"] and _debug(args):
+            print(info["traceback"], file=sys.stderr)
+    failed = [info["name"] for info in described if info["error"]]
+    if failed and not args.json:
+        hint = "" if _debug(args) else " (--debug or FDCORE_DEBUG=1 shows the traceback)"
+        print(f"fdcore: {len(failed)} plugin(s) failed to load: {', '.join(failed)}{hint}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    import os
+
+    return bool(getattr(args, "debug", False)) or os.environ.get("FDCORE_DEBUG", "") not in (
+        "", "0")
 
 
 def _models_parser(sub: Any) -> None:
@@ -97,9 +136,10 @@ def _models_parser(sub: Any) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
+    require_engine()  # the model is for the engine, and its package imports torch
     from pathlib import Path
 
-    from fdcore.engine.model.fetch import fetch_smollm2
+    from fdcore.engine.runners.torch.fetch import fetch_smollm2
 
     dest = Path(args.dest) if args.dest else None
     print(fetch_smollm2(dest))
@@ -107,24 +147,43 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _engine_parser(sub: Any) -> None:
+    from fdcore.engine.cli import add_engine_parser  # its flags need none of the engine extra
+
+    add_engine_parser(sub).set_defaults(func=_run_engine)
+
+
+def _run_engine(args: argparse.Namespace) -> int:
+    require_engine()
+    from fdcore.engine.cli import run_engine
+
+    return run_engine(args)
+
+
+def require_engine() -> None:
+    """Raise StartupError, with the command that fixes it, unless the engine extra is
+    installed."""
+    missing = [name for name in ENGINE_MODULES if not _importable(name)]
+    if missing:
+        raise StartupError(
+            f"the engine extra is not installed (missing: {', '.join(missing)}): "
+            "pip install 'fdcore[engine]'"
+        )
+
+
+def _importable(name: str) -> bool:
     try:
-        from fdcore.engine.cli import add_engine_parser
-    except ImportError as exc:  # the engine's own dependencies are missing
-        reason = f"engine unavailable: {exc}"
-        p = sub.add_parser("engine", help=f"run an inference instance ({reason})")
-        p.set_defaults(func=lambda args: _fail(reason))
-        return
-    add_engine_parser(sub)
-
-
-def _fail(message: str) -> int:
-    raise StartupError(message)
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a meta-path finder may refuse the module outright
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser."""
     parser = argparse.ArgumentParser(prog="fdcore", description=__doc__)
     parser.add_argument("-V", "--version", action="version", version=f"fdcore {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks of start-up errors, such as a plugin that fails "
+                             "to import (also FDCORE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _engine_parser(sub)
@@ -139,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except StartupError as exc:
+        if _debug(args):
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"fdcore: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

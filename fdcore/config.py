@@ -2,25 +2,42 @@
 fdcore's own sections, loaded strictly.
 
 Every value can come from YAML, an environment variable (``FDCORE_<SECTION>_<KEY>``, e.g.
-``FDCORE_MANAGER_HEALTH_CHECK_INTERVAL_SECS=2``) or a flag; flags win. A string value
-``$env:NAME`` in YAML is replaced by that environment variable (for secrets).
+``FDCORE_MANAGER_HEALTH_CHECK_INTERVAL_SECS=2``; plugin options too, e.g.
+``FDCORE_SCHEDULER_CACHE_BLOCK_SIZE=64``) or a flag; flags win. A string value ``$env:NAME`` in
+YAML is replaced by that environment variable (for secrets). Errors name where each value came
+from; plugin options are checked by :mod:`fdcore.options` once plugins are loaded
+(:func:`policy_options`, :func:`health_check_options`).
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
 from fdcore.errors import StartupError
-from fdcore.types import StrictModel
+from fdcore.options import (
+    Choice,
+    OptionsError,
+    Origin,
+    Validated,
+    check_option_keys,
+    error_lines,
+    kebab,
+    validate_options,
+)
+from fdcore.types import Role, StrictModel
+
+if TYPE_CHECKING:
+    from fdcore.registry import Component
 
 _ENV_REF = re.compile(r"^\$env:([A-Za-z_][A-Za-z0-9_]*)$")
 
@@ -46,7 +63,7 @@ class SchedulerConfig(StrictModel):
     """``scheduler:`` — which policy picks instances for each role.
 
     Policy options (``cache-block-size``, ``waiting-weight``, ...) sit flat in the same section,
-    as in FastDeploy; each is validated by the config model of the policy that declares it.
+    as in FastDeploy; ``options`` holds them until :func:`policy_options` validates them.
     """
 
     policy: str = "request_num"
@@ -173,27 +190,27 @@ class RouterConfig(StrictModel):
     launch: list[LaunchConfig] = Field(default_factory=list)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     source: str = Field("<defaults>", exclude=True)
+    # key.path -> the variable or flag that gave it (values without an entry came from source)
+    origins: dict[str, str] = Field(default_factory=dict, exclude=True)
 
 
 _VERBATIM_ENV_SECTIONS = {"auth"}
-_SCHEDULER_KEYS = {
-    "policy", "prefill-policy", "decode-policy", "prefill_policy", "decode_policy",
-    "stats-interval-secs", "stats_interval_secs",
+_SCHEDULER_KEYS = frozenset({"policy", "prefill-policy", "decode-policy", "stats-interval-secs"})
+_POLICY_KEYS = {Role.MIXED: "policy", Role.PREFILL: "prefill-policy", Role.DECODE: "decode-policy"}
+# FastDeploy's scheduler section carries these whatever policy it selects, so a file of its
+# loads unchanged: read by no selected policy, they are logged and ignored, not refused.
+FASTDEPLOY_SCHEDULER_OPTIONS = frozenset({
+    "eviction-interval-secs", "eviction-duration-mins", "cache-block-size", "tokenizer-url",
+    "tokenizer-timeout-secs", "balance-abs-threshold", "balance-rel-threshold",
+    "hit-ratio-weight", "load-balance-weight", "waiting-weight",
+})
+# Plugin options: their keys are known only once plugins load, so every variable under these
+# prefixes is taken (FDCORE_SCHEDULER_CACHE_BLOCK_SIZE -> scheduler.cache-block-size) and
+# validated with the YAML values; one no component reads is an error naming it.
+_OPTION_ENV = {
+    ("scheduler",): "FDCORE_SCHEDULER_",
+    ("manager", "health-check-options"): "FDCORE_MANAGER_HEALTH_CHECK_OPTIONS_",
 }
-
-
-def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:
-    """``file: key.path: message`` lines, one per problem."""
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        if prefix:
-            path = f"{prefix}.{path}" if path else prefix
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{source}: {path}: {message}")
-    return "\n".join(lines)
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -229,88 +246,137 @@ def resolve_env_refs(value: Any, source: str, path: str = "") -> Any:
     return value
 
 
-def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    sections = {
-        name: field.annotation
-        for name, field in RouterConfig.model_fields.items()
-        if name not in ("launch", "source")
-    }
-    for section, model in sections.items():
-        for field_name in model.model_fields:  # type: ignore[union-attr]
-            env_name = f"FDCORE_{section.upper()}_{field_name.upper()}"
-            if env_name in environ:
-                key = field_name.replace("_", "-")
-                raw = environ[env_name]
-                # Secrets verbatim: YAML would read a key such as 0123 as a number.
-                value = raw if section in _VERBATIM_ENV_SECTIONS else yaml.safe_load(raw)
-                data.setdefault(section, {})[key] = value
+def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> bool:
+    """Set ``data[path]`` (kebab-case), replacing the key under any other spelling; ``False``
+    when something on the way is not a mapping (validation reports that)."""
+    *parents, key = path
+    for part in parents:
+        if data.get(part) is None:
+            data[part] = {}
+        data = data[part]
+        if not isinstance(data, dict):
+            return False
+    for written in [k for k in data if kebab(k) == key]:
+        del data[written]
+    data[key] = value
+    return True
+
+
+def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply ``FDCORE_<SECTION>_<KEY>`` variables; returns ``{key.path: variable}``."""
+    found: dict[tuple[str, ...], tuple[str, str]] = {}
+    for section, info in RouterConfig.model_fields.items():
+        if info.exclude or section == "launch":
+            continue
+        fields = info.annotation.model_fields  # type: ignore[union-attr]
+        for field_name in (name for name, f in fields.items() if not f.exclude):
+            name = f"FDCORE_{section.upper()}_{field_name.upper()}"
+            if name in environ:
+                found[(section, kebab(field_name))] = (name, environ[name])
+    core = {name for name, _ in found.values()}
+    for name, raw in environ.items():
+        for where, prefix in _OPTION_ENV.items():
+            rest = name.removeprefix(prefix)
+            if name.startswith(prefix) and rest and name not in core:
+                found[(*where, kebab(rest.lower()))] = (name, raw)
+    origins = {}
+    bad = []
+    for path, (name, raw) in found.items():
+        key = ".".join(path)
+        try:
+            # Secrets verbatim: YAML would read a key such as 0123 as a number.
+            value = raw if path[0] in _VERBATIM_ENV_SECTIONS else yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            bad.append(Origin(name, key).line(f"not a YAML value: {' '.join(str(exc).split())}"))
+            continue
+        if _put(data, path, value):
+            origins[key] = name
+    if bad:
+        raise OptionsError(bad)
+    return origins
 
 
 def load_router_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
+    sections: Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> RouterConfig:
     """Load ``path`` (or defaults), apply environment variables, then ``overrides`` (flags).
 
-    Raises :class:`StartupError` whose message has one ``file: key.path: message`` line per
-    problem.
+    ``sections`` (named ``source`` in messages) stand in for the file's content: what tests
+    and embedders pass instead of writing a YAML file. Raises :class:`StartupError` whose
+    message has one ``source: key.path: message`` line per problem; ``source`` is the file,
+    or the variable or flag that gave the value.
     """
-    source = str(path) if path else "<defaults>"
-    data = read_yaml(path) if path else {}
+    source = source or (str(path) if path else "<defaults>")
+    data = read_yaml(path) if path else copy.deepcopy(dict(sections or {}))
     if not isinstance(data, dict):
         raise StartupError(f"{source}: the top level must be a mapping of sections")
     data = resolve_env_refs(data, source)
-    _env_overrides(data, os.environ if environ is None else environ)
+    origins = _env_overrides(data, os.environ if environ is None else environ)
     for section, values in (overrides or {}).items():
-        current = data.get(section)
-        if current is None:
-            current = data[section] = {}
+        current = data.setdefault(section, {})
         if not isinstance(current, dict):
             raise StartupError(f"{source}: {section}: must be a mapping")
-        current.update(values)
+        for key, value in values.items():
+            _put(data, (section, kebab(key)), value)
+            origins[f"{section}.{kebab(key)}"] = f"--{kebab(key)}"
     scheduler = data.get("scheduler")
     if isinstance(scheduler, dict):
         # Policy options are validated later against the policies that declare them.
-        options = {k: v for k, v in scheduler.items() if k not in _SCHEDULER_KEYS}
-        data["scheduler"] = {k: v for k, v in scheduler.items() if k in _SCHEDULER_KEYS}
-        data["scheduler"]["options"] = options
+        data["scheduler"] = {k: v for k, v in scheduler.items() if kebab(k) in _SCHEDULER_KEYS}
+        data["scheduler"]["options"] = {
+            k: v for k, v in scheduler.items() if kebab(k) not in _SCHEDULER_KEYS
+        }
     try:
-        config = RouterConfig.model_validate({**data, "source": source})
+        return RouterConfig.model_validate({**data, "source": source, "origins": origins})
     except ValidationError as exc:
-        raise StartupError(format_validation_error(source, exc)) from None
-    return config
+        locate = _locator(source, origins, "")
+        raise OptionsError(error_lines(exc, locate, depth=2)) from None
 
 
-def policy_config(
-    config: RouterConfig, policy_cls: type[Any], claimed: set[str]
-) -> StrictModel:
-    """Build ``policy_cls.Config`` from the ``scheduler:`` options it declares.
+def _locator(source: str, origins: Mapping[str, str], prefix: str) -> Callable[[str], Origin]:
+    def locate(key: str) -> Origin:
+        path = f"{prefix}.{key}" if prefix else key
+        return Origin(origins.get(kebab(path), source), path)
 
-    ``claimed`` holds every option key some registered policy declares; any other key is an
-    error naming the file.
+    return locate
+
+
+def policy_options(
+    config: RouterConfig, selected: Mapping[Role, Component], registered: Iterable[Component]
+) -> Validated:
+    """The ``scheduler:`` options validated for the policy of every role in use at once (a key
+    one of them reads is not unknown to another). FastDeploy's own options that no selected
+    policy reads come back in ``ignored``, to be logged, so that its files load unchanged.
+
+    ``registered`` is every policy, for "read only by ..." errors and the type check of
+    :func:`~fdcore.options.check_option_keys`. Raises :class:`OptionsError`, one line per
+    problem, or :class:`StartupError` for a clash between registered policies.
     """
-    options = config.scheduler.options
-    unknown = sorted(set(options) - claimed)
-    if unknown:
-        known = ", ".join(sorted(claimed | _SCHEDULER_KEYS))
-        raise StartupError(
-            "\n".join(
-                f"{config.source}: scheduler.{key}: unknown key (known: {known})" for key in unknown
-            )
-        )
-    model: type[StrictModel] = policy_cls.Config
-    mine = {k: v for k, v in options.items() if k in option_keys(model)}
-    try:
-        return model.model_validate(mine)
-    except ValidationError as exc:
-        raise StartupError(format_validation_error(config.source, exc, "scheduler")) from None
+    policies = list(registered)
+    check_option_keys(policies, {"policy": _SCHEDULER_KEYS})
+    choice = Choice(
+        "policy", list(selected.values()), policies,
+        ", ".join(f"scheduler.{_POLICY_KEYS[role]}: {c.name}" for role, c in selected.items()),
+        section_keys=_SCHEDULER_KEYS, tolerated=FASTDEPLOY_SCHEDULER_OPTIONS,
+    )
+    return validate_options(
+        choice, config.scheduler.options, _locator(config.source, config.origins, "scheduler")
+    )
 
 
-def option_keys(model: type[StrictModel]) -> set[str]:
-    """The keys a config model accepts (kebab-case aliases and snake-case names)."""
-    keys = set()
-    for name, field in model.model_fields.items():
-        keys.add(name)
-        keys.add(field.alias or name)
-    return keys
+def health_check_options(
+    config: RouterConfig, selected: Component, registered: Iterable[Component]
+) -> BaseModel:
+    """``manager.health-check-options`` validated for the selected health check, as
+    :func:`policy_options` does for policies."""
+    checks = list(registered)
+    check_option_keys(checks)
+    choice = Choice("health check", [selected], checks,
+                    f"manager.health-check: {selected.name}")
+    locate = _locator(config.source, config.origins, "manager.health-check-options")
+    checked = validate_options(choice, config.manager.health_check_options, locate)
+    return checked.configs[selected.name]

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import resource
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
@@ -23,6 +24,7 @@ import structlog
 from starlette.types import ASGIApp
 
 from fdcore.drain import Drain
+from fdcore.errors import StartupError
 from fdcore.server_limits import RequestGuard, ServerLimits
 
 HttpServer = Literal["uvicorn", "hypercorn"]
@@ -81,6 +83,8 @@ async def serve_apps(
     _raise_fd_limit(limits.max_connections * len(apps))
     signals = _Signals(*([drain.begin] if drain is not None else []))
     guards = [RequestGuard(app, limits, enforce=server == "hypercorn") for app, _ in apps]
+    # Every port is bound before any app starts: one in use ends start-up with one line.
+    sockets = _bind_all(host, [port for _, port in apps])
     for _, port in apps:
         log.info("listening", url=f"http://{host}:{port}", server=server, **asdict(limits))
 
@@ -97,11 +101,44 @@ async def serve_apps(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_idle(guards), FLUSH_SECONDS)
 
-    bound = [(guard, port) for guard, (_, port) in zip(guards, apps, strict=True)]
-    if server == "hypercorn":
-        await _hypercorn(bound, host, limits, signals, drain_all, guards)
-    else:
-        await _uvicorn(bound, host, limits, signals, drain_all)
+    bound = list(zip(guards, sockets, strict=True))
+    try:
+        if server == "hypercorn":
+            await _hypercorn(bound, limits, signals, drain_all, guards)
+        else:
+            await _uvicorn(bound, limits, signals, drain_all)
+    finally:
+        for sock in sockets:
+            sock.close()  # a no-op for those a server already closed or took over
+
+
+def _bind_all(host: str, ports: Sequence[int]) -> list[socket.socket]:
+    """One bound (not yet listening) TCP socket per port; raises StartupError on the first
+    that cannot be bound, closing those bound before it."""
+    sockets: list[socket.socket] = []
+    try:
+        for port in ports:
+            sockets.append(_bind(host, port))
+    except StartupError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what holds the port "
+            "or choose another"
+        ) from None
+    return sock
 
 
 async def _idle(guards: Sequence[RequestGuard]) -> None:
@@ -137,7 +174,7 @@ def _raise_fd_limit(connections: int) -> None:
 
 
 async def _uvicorn(
-    bound: Sequence[tuple[ASGIApp, int]], host: str, limits: ServerLimits, signals: _Signals,
+    bound: Sequence[tuple[ASGIApp, socket.socket]], limits: ServerLimits, signals: _Signals,
     drain_all: Callable[[], Awaitable[None]],
 ) -> None:
     import uvicorn
@@ -152,14 +189,14 @@ async def _uvicorn(
     protocol = protocol_class(limits, signals.stop.is_set)
     servers = [
         Server(uvicorn.Config(
-            app, host=host, port=port, loop="none", http=protocol, lifespan="on",
+            app, loop="none", http=protocol, lifespan="on",
             access_log=False, log_config=None,
             # Typed int, but uvicorn only hands it to call_later: fractions work.
             timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]
             # Only what outlived the drain and its flush is left by then.
             timeout_graceful_shutdown=1,
         ))
-        for app, port in bound
+        for app, _ in bound
     ]
 
     def stop_accepting() -> None:
@@ -171,7 +208,8 @@ async def _uvicorn(
                     conn.begin_drain()
 
     signals.on_stop.append(stop_accepting)
-    serving = [asyncio.ensure_future(s.serve()) for s in servers]
+    serving = [asyncio.ensure_future(s.serve(sockets=[sock]))
+               for s, (_, sock) in zip(servers, bound, strict=True)]
     stopping = asyncio.ensure_future(signals.stop.wait())
     await asyncio.wait((*serving, stopping), return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
@@ -188,15 +226,16 @@ async def _uvicorn(
 
 
 async def _hypercorn(
-    bound: Sequence[tuple[ASGIApp, int]], host: str, limits: ServerLimits, signals: _Signals,
+    bound: Sequence[tuple[ASGIApp, socket.socket]], limits: ServerLimits, signals: _Signals,
     drain_all: Callable[[], Awaitable[None]], guards: Sequence[RequestGuard],
 ) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    def config(port: int) -> Config:
+    def config(sock: socket.socket) -> Config:
         hc = Config()
-        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        # hypercorn wraps the descriptor in a socket of its own and closes it when done.
+        hc.bind = [f"fd://{sock.detach()}"]
         hc.accesslog = None
         # A Logger (not "-") makes hypercorn log through the standard library set-up of
         # fdcore.logs.
@@ -210,9 +249,9 @@ async def _hypercorn(
         return hc
 
     tasks = [
-        asyncio.ensure_future(serve(app, config(port),  # type: ignore[arg-type]
+        asyncio.ensure_future(serve(app, config(sock),  # type: ignore[arg-type]
                                     shutdown_trigger=signals.stop.wait))
-        for app, port in bound
+        for app, sock in bound
     ]
     draining = asyncio.ensure_future(_after(signals.stop, drain_all))
 
@@ -230,7 +269,7 @@ async def _hypercorn(
     try:
         await asyncio.wait((serving, stopper), return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
-            serving.result()  # a bind error, for instance, ends serving
+            serving.result()  # a failed lifespan start-up, for instance, ends serving
     finally:
         for task in (*tasks, draining, stopper):
             task.cancel()

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fdcore.router.errors import error_body
+from fdcore.http import error_body
 
 
 @dataclass(frozen=True)

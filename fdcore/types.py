@@ -8,11 +8,16 @@ the per-request path: these are plain (mostly async) method calls.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
+import orjson
 from pydantic import BaseModel, ConfigDict
+
+from fdcore.metrics import once_per_app
+
+T = TypeVar("T")
 
 
 class StrictModel(BaseModel):
@@ -28,6 +33,18 @@ class StrictModel(BaseModel):
 
 class EmptyConfig(StrictModel):
     """Config model of a component that takes no options."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """What the register hooks learn about the process loading them.
+
+    ``process`` is ``router`` (``fdcore serve``), ``engine`` (``fdcore engine``) or ``cli``
+    (``fdcore plugins``, tests); new fields will have defaults.
+    """
+
+    process: str = "cli"
+    version: str = ""
 
 
 class Role(enum.StrEnum):
@@ -108,7 +125,10 @@ class InstanceView(Protocol):
 
 @dataclass(slots=True)
 class PolicyContext:
-    """What the router hands a selection policy when it builds one."""
+    """What the router hands a selection policy when it builds one.
+
+    New fields will have defaults.
+    """
 
     instances: InstanceView
     role: Role
@@ -116,17 +136,111 @@ class PolicyContext:
     # they appear on the router's /metrics (one registry per app keeps tests isolated).
     prometheus: Any = None
 
+    def metrics_once(self, factory: Callable[[Any], T]) -> T:
+        """``factory(self.prometheus)``, run once per app (see :mod:`fdcore.metrics`): the
+        way to create Prometheus collectors, since one app may build several policies."""
+        return once_per_app(self.prometheus, factory)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts an instance reported in its answer's OpenAI ``usage`` object."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # ``usage.prompt_tokens_details.cached_tokens``
+
+
+class RequestResult:
+    """How one routed attempt ended, as the router measured it; what ``release`` receives.
+
+    ``outcome`` follows the instance's answer: a 2xx, 3xx or 4xx answer is
+    :attr:`Outcome.SUCCESS` (the instance worked; a 4xx is the client's fault), a 5xx, a
+    connection failure or a broken stream is :attr:`Outcome.ERROR`, a deadline
+    :attr:`Outcome.TIMEOUT`, and a client that left (or a router that drained) mid-request
+    :attr:`Outcome.DISCONNECT`. ``status`` is the instance's HTTP status (0 when none arrived);
+    ``streamed`` whether the answer was relayed as a stream; ``ttfb`` the seconds from the
+    router receiving the request to the instance's first response byte (``None`` when none
+    arrived) and ``total`` the seconds until the attempt ended. :attr:`usage` is parsed only
+    when read, from the answer (the body, or a stream's last events): ``None`` when the answer
+    carried no ``usage``. New fields will have defaults.
+    """
+
+    __slots__ = ("_answer", "_usage", "instance", "outcome", "request", "status", "streamed",
+                 "total", "ttfb")
+
+    def __init__(
+        self, request: RouteRequest, instance: Instance, outcome: Outcome, status: int = 0,
+        streamed: bool = False, ttfb: float | None = None, total: float = 0.0,
+        answer: bytes = b"",
+    ) -> None:
+        self.request = request
+        self.instance = instance
+        self.outcome = outcome
+        self.status = status
+        self.streamed = streamed
+        self.ttfb = ttfb
+        self.total = total
+        self._answer = answer
+        self._usage: Usage | bool | None = False  # False: not parsed yet
+
+    @property
+    def usage(self) -> Usage | None:
+        """The answer's ``usage`` (parsed on first access), or ``None`` when it had none."""
+        if self._usage is False:
+            self._usage = parse_usage(self._answer)
+        return self._usage  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (f"RequestResult({self.request.request_id!r}, {self.instance.url!r}, "
+                f"{self.outcome.value}, status={self.status}, streamed={self.streamed}, "
+                f"ttfb={self.ttfb}, total={self.total})")
+
+
+def parse_usage(answer: bytes) -> Usage | None:
+    """The last OpenAI ``usage`` object in a JSON body or in SSE ``data:`` events."""
+    at = answer.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = answer.rfind(b"data:", 0, at)
+    start = 0 if start < 0 else start + 5
+    end = answer.find(b"\n", at)
+    try:
+        doc = orjson.loads(answer[start:] if end < 0 else answer[start:end])
+    except orjson.JSONDecodeError:
+        return None
+    usage = doc.get("usage") if isinstance(doc, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+
+    def count(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return Usage(count(usage.get("prompt_tokens")), count(usage.get("completion_tokens")),
+                 count(cached))
+
 
 @runtime_checkable
 class SelectionPolicy(Protocol):
     """Chooses the instance for a request among healthy candidates.
 
     The router increments the chosen instance's :class:`Load` before the request is sent and
-    calls :meth:`release` exactly once when it ends, however it ends.
+    calls :meth:`release` exactly once when that attempt ends, however it ends. A request the
+    router retries on another instance (the connection failed before any byte was sent back)
+    is one attempt per instance: ``select`` runs again over the candidates left and every
+    attempt is released on its own, the failed ones with :attr:`Outcome.ERROR` and
+    ``status`` 0. An exception in ``select``, or a return value that is not one of the
+    candidates, answers that request with a 500 naming the plugin; the router keeps serving.
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type[StrictModel]]
+
+    @property
+    def Config(self) -> type[StrictModel]:
+        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
+        ...
 
     async def start(self) -> None:
         """Start background work (scrapers, eviction); called once before the first request."""
@@ -140,8 +254,10 @@ class SelectionPolicy(Protocol):
         """Return one of ``candidates`` (never empty, all healthy, sorted by url)."""
         ...
 
-    def release(self, request: RouteRequest, instance: Instance, outcome: Outcome) -> None:
-        """Note that ``request``, sent to ``instance``, has ended with ``outcome``."""
+    def release(self, result: RequestResult) -> None:
+        """Note that ``result.request``, sent to ``result.instance``, has ended: see
+        :class:`RequestResult` for what the router measured. Runs on the request's path:
+        keep it short and never raise."""
         ...
 
     def forget(self, instance: Instance) -> None:
@@ -154,7 +270,11 @@ class HealthCheck(Protocol):
     """Probes one instance; the health manager counts results across rounds."""
 
     name: ClassVar[str]
-    Config: ClassVar[type[StrictModel]]
+
+    @property
+    def Config(self) -> type[StrictModel]:
+        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
+        ...
 
     async def start(self) -> None:
         """Open clients; called once before the first check."""
@@ -165,7 +285,12 @@ class HealthCheck(Protocol):
         ...
 
     async def check(self, instance: Instance) -> tuple[bool, str]:
-        """Return ``(healthy, detail)``; must not raise and must honour its own timeout."""
+        """Return ``(healthy, detail)``.
+
+        The host bounds every call by ``manager.health-check-timeout-secs`` (a check still
+        running then counts as failed, "timed out") and counts an exception as a failure,
+        logged with the plugin's name: neither stops the rounds.
+        """
         ...
 
 
@@ -222,39 +347,108 @@ class RequestOutput:
     error_code: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What an engine can take now, handed to :meth:`Scheduler.get_requests`.
+
+    ``available_blocks`` free KV blocks of ``block_size`` tokens; each admitted request also
+    costs ``reserved_output_blocks`` for its output; ``batch`` sequences at most;
+    ``max_num_batched_tokens`` is the engine's per-step token budget (it prefills in chunks of
+    it, so it does not limit admission). New fields will have defaults.
+    """
+
+    available_blocks: int
+    block_size: int
+    reserved_output_blocks: int = 0
+    max_num_batched_tokens: int = 8192
+    batch: int = 1
+
+    @property
+    def empty(self) -> bool:
+        """Nothing can be admitted: no sequence slot, or no block beyond the output reserve."""
+        return self.batch < 1 or self.available_blocks <= self.reserved_output_blocks
+
+    def admissible(self, requests: Sequence[EngineRequest]) -> int:
+        """How many leading ``requests`` fit now: FastDeploy's admission rule, which every
+        scheduler applies in its ``get_requests``.
+
+        Each costs the blocks of its prompt plus ``reserved_output_blocks``; requests are
+        taken in order while the running sum fits; the first is taken whenever its prompt
+        alone fits, so an engine with room never starves behind the reserve. Nothing is
+        taken when :attr:`empty`.
+        """
+        if self.empty:
+            return 0
+        available = self.available_blocks
+        block_size = self.block_size
+        reserve = self.reserved_output_blocks
+        needed = 0
+        taken = 0
+        for request in requests[: self.batch]:
+            prompt_blocks = -(-request.prompt_len // block_size)
+            needed += prompt_blocks + reserve
+            if needed > available and not (taken == 0 and prompt_blocks <= available):
+                break
+            taken += 1
+        return taken
+
+
+class RejectionKind(enum.StrEnum):
+    """Why a scheduler refused a request; the engine maps each to one HTTP status."""
+
+    QUEUE_FULL = "queue_full"  # 429: the scheduler holds as many requests as it may
+    DUPLICATE_ID = "duplicate_id"  # 409: a request with this id is already in flight
+    UNAVAILABLE = "unavailable"  # 503: the scheduler cannot queue now (its backend is down)
+    INVALID = "invalid"  # 400: the request cannot be served by this scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A request :meth:`Scheduler.put_requests` refused: which, why, and a message for the
+    client."""
+
+    request_id: str
+    kind: RejectionKind
+    message: str
+
+
 @runtime_checkable
 class Scheduler(Protocol):
     """Queues work between an engine's API server and its batcher (FastDeploy's contract).
 
     ``local`` keeps it in process; ``global`` and ``splitwise`` share it through Redis. All
-    methods are coroutines so network-backed schedulers fit without changing the engine.
+    methods but :meth:`health` are coroutines so network-backed schedulers fit without changing
+    the engine. :class:`fdcore.bases.BaseScheduler` gives no-op ``start``/``stop``/``health``.
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type[StrictModel]]
+
+    @property
+    def Config(self) -> type[StrictModel]:
+        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
+        ...
 
     async def start(self) -> None:
-        """Connect and start background work."""
+        """Connect and start background work; a :class:`fdcore.errors.StartupError` raised
+        here ends the engine's start-up with its message."""
         ...
 
     async def stop(self) -> None:
         """Stop background work and close connections."""
         ...
 
-    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[tuple[str, str | None]]:
-        """Enqueue; return ``(request_id, error or None)`` for each request, in order."""
+    def health(self) -> str | None:
+        """``None`` when the scheduler can take work, else the problem: the engine's
+        ``/health`` then answers 503 with it as ``detail``. Called per health probe: cheap."""
         ...
 
-    async def get_requests(
-        self,
-        available_blocks: int,
-        block_size: int,
-        reserved_output_blocks: int,
-        max_num_batched_tokens: int,
-        batch: int = 1,
-        timeout: float = 0.0,
-    ) -> list[EngineRequest]:
-        """Hand the engine as much queued work as fits in ``available_blocks``.
+    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[Rejection]:
+        """Enqueue ``requests``; return the ones refused (none: all were queued)."""
+        ...
+
+    async def get_requests(self, capacity: Capacity, timeout: float = 0.0) -> list[EngineRequest]:
+        """Hand the engine as much queued work as fits ``capacity`` (see
+        :meth:`Capacity.admissible`).
 
         When nothing is queued, wait up to ``timeout`` seconds for work to arrive (the engine
         passes 0 while it has sequences running and a short wait when idle).
@@ -296,7 +490,11 @@ class Transport(Protocol):
     """Copies KV-cache blocks between engines (``ipc`` on one host, ``tcp``/``rdma`` between)."""
 
     name: ClassVar[str]
-    Config: ClassVar[type[StrictModel]]
+
+    @property
+    def Config(self) -> type[StrictModel]:
+        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
+        ...
 
     async def start(self) -> None:
         """Open devices, register memory, start listeners."""
@@ -315,17 +513,30 @@ class Transport(Protocol):
 
 @dataclass(slots=True)
 class HealthContext:
-    """What the router hands a health check when it builds one (from ``manager:``)."""
+    """What the router hands a health check when it builds one (from ``manager:``).
+
+    ``timeout`` is ``manager.health-check-timeout-secs``: the host cancels a check that runs
+    longer. New fields will have defaults.
+    """
 
     endpoint: str
     timeout: float
+    prometheus: Any = None  # the app's CollectorRegistry, as for policies
+
+    def metrics_once(self, factory: Callable[[Any], T]) -> T:
+        """``factory(self.prometheus)``, run once per app (see :mod:`fdcore.metrics`)."""
+        return once_per_app(self.prometheus, factory)
 
 
 @dataclass(slots=True)
 class SchedulerContext:
-    """What an engine hands its scheduler: who it is and how big its pages are."""
+    """What an engine hands its scheduler: who it is, its role and how big its pages are.
+
+    New fields will have defaults.
+    """
 
     instance_id: str
     host: str
     port: int
     block_size: int
+    role: Role = Role.MIXED

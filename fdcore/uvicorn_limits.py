@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from fdcore.router.errors import error_body
+from fdcore.http import error_body
 from fdcore.server_limits import ServerLimits, reject_over_cap
 
 _LINGER_SECONDS = 2.0

@@ -10,7 +10,7 @@ import aiohttp
 import openai
 import pytest
 
-from fdcore.engine.model.fetch import SMOLLM2_FILE, default_models_dir
+from fdcore.engine.runners.torch.fetch import SMOLLM2_FILE, default_models_dir
 from fdcore.testing.cluster import EngineFactory, RouterFactory, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

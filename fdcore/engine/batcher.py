@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fdcore.engine.block_manager import BlockManager, OutOfBlocks
-from fdcore.engine.sequence import Sequence
+from fdcore.engine.sequence import Seq
 
 
 @dataclass(slots=True)
 class Work:
     """One sequence's share of a step: feed ``num_tokens`` tokens from ``seq.num_computed``."""
 
-    seq: Sequence
+    seq: Seq
     num_tokens: int
 
     @property
@@ -38,14 +38,14 @@ class Batcher:
         blocks: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        on_admit: Callable[[Sequence], None] | None = None,
+        on_admit: Callable[[Seq], None] | None = None,
     ) -> None:
         self.blocks = blocks
         self.on_admit = on_admit
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.running: list[Sequence] = []
-        self.waiting: deque[Sequence] = deque()
+        self.running: list[Seq] = []
+        self.waiting: deque[Seq] = deque()
         self.num_preemptions = 0
 
     @property
@@ -57,14 +57,14 @@ class Batcher:
         """Whether any sequence is running or waiting."""
         return bool(self.running or self.waiting)
 
-    def find(self, request_id: str) -> Sequence | None:
+    def find(self, request_id: str) -> Seq | None:
         """The running or waiting sequence with this id."""
         for seq in (*self.running, *self.waiting):
             if seq.request_id == request_id:
                 return seq
         return None
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         """Admit a new sequence, or queue it behind any waiting ones."""
         if self.waiting or not self._try_admit(seq):
             self.waiting.append(seq)
@@ -74,7 +74,7 @@ class Batcher:
         while self.waiting and self.room > 0 and self._try_admit(self.waiting[0]):
             self.waiting.popleft()
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: Seq) -> None:
         """Take ``seq`` out (finished or aborted) and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
@@ -85,7 +85,7 @@ class Batcher:
     def schedule(self) -> list[Work]:
         """Plan one step within the token budget: decodes first, then prefill chunks."""
         budget = self.max_num_batched_tokens
-        planned: dict[Sequence, int] = {}
+        planned: dict[Seq, int] = {}
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -108,7 +108,7 @@ class Batcher:
                 budget -= planned[seq]
         return [Work(seq, n) for seq, n in planned.items()]
 
-    def _try_admit(self, seq: Sequence) -> bool:
+    def _try_admit(self, seq: Seq) -> bool:
         if self.room <= 0:
             return False
         try:
@@ -124,7 +124,7 @@ class Batcher:
         self.running.append(seq)
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.table)
         seq.num_computed = 0

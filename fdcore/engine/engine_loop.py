@@ -17,9 +17,9 @@ from fdcore.engine.block_manager import BlockManager
 from fdcore.engine.metrics import EngineMetrics
 from fdcore.engine.runner import ModelRunner, SeqInput, Tokenizer
 from fdcore.engine.sampling import sample
-from fdcore.engine.sequence import Sequence as Seq
+from fdcore.engine.sequence import Seq
 from fdcore.engine.torch_thread import torch_executor
-from fdcore.types import EngineRequest, RequestOutput, Scheduler
+from fdcore.types import Capacity, EngineRequest, RequestOutput, Scheduler
 
 log = structlog.get_logger(__name__)
 
@@ -86,13 +86,15 @@ class EngineLoop:
         self._apply_aborts()
         self.batcher.admit_waiting()
         if not self.batcher.waiting and self.batcher.room > 0:
-            requests = await self.scheduler.get_requests(
-                self.blocks.num_available,
-                self.blocks.block_size,
-                self.reserved_output_blocks,
-                self.batcher.max_num_batched_tokens,
+            capacity = Capacity(
+                available_blocks=self.blocks.num_available,
+                block_size=self.blocks.block_size,
+                reserved_output_blocks=self.reserved_output_blocks,
+                max_num_batched_tokens=self.batcher.max_num_batched_tokens,
                 batch=self.batcher.room,
-                timeout=0.0 if self.batcher.has_work() else IDLE_WAIT_SECONDS,
+            )
+            requests = await self.scheduler.get_requests(
+                capacity, timeout=0.0 if self.batcher.has_work() else IDLE_WAIT_SECONDS
             )
             rejected = [self._reject(r) for r in requests if not self._fits(r)]
             for request in requests:

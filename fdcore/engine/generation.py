@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fdcore.engine.context import EngineContext
 from fdcore.engine.openai_protocol import (
-    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     choice,
@@ -21,15 +19,21 @@ from fdcore.engine.openai_protocol import (
     sse,
     usage,
 )
-from fdcore.engine.responses import (
-    EventStreamResponse,
+from fdcore.engine.responses import EventStreamResponse
+from fdcore.engine.serving import RequestStream
+from fdcore.http import (
+    APIError,
+    BadRequestId,
+    check_request_id,
+    error_event,
     json_response,
     read_body,
-    unless_disconnected,
+    until_disconnect,
 )
-from fdcore.engine.serving import RequestStream
-from fdcore.http import BadRequestId, check_request_id
 from fdcore.types import EngineRequest, RequestOutput, SamplingParams
+
+if TYPE_CHECKING:
+    from fdcore.engine.engine import Engine
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -61,8 +65,8 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _generate(request: Request, chat: bool) -> Response:
-    ctx: EngineContext = request.app.state.engine
-    body = await read_body(request, ctx.max_body_bytes)
+    ctx: Engine = request.app.state.engine
+    body = await read_body(request.scope, request.receive, ctx.max_body_bytes)
     parsed: CompletionRequest | ChatCompletionRequest
     if chat:
         parsed = parse_request(ChatCompletionRequest, body)
@@ -101,15 +105,13 @@ async def _generate(request: Request, chat: bool) -> Response:
     if parsed.stream:
         events = _events(stream, meta, parsed.include_usage)
         return EventStreamResponse(events, lambda: ctx.serving.cancel(rid), headers)
-    result = await unless_disconnected(
+    # A client that leaves raises ClientGone, which the app answers 499 to nobody.
+    text, last = await until_disconnect(
         request.receive, _collect(stream), lambda: ctx.serving.cancel(rid)
     )
-    if result is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
-    text, last = result
     if last.error is not None:
         raise APIError(last.error_code or 500, last.error,
-                       type=_ERROR_TYPES.get(last.error_code, "server_error"), code="engine_error")
+                       _ERROR_TYPES.get(last.error_code, "server_error"), code="engine_error")
     body_json = envelope(
         chat, False, rid, ctx.model_name, meta[3],
         choices=[choice(chat, text, last.finish_reason, stream=False)],
@@ -118,7 +120,7 @@ async def _generate(request: Request, chat: bool) -> Response:
     return json_response(body_json, headers=headers)
 
 
-def _completion_prompt(ctx: EngineContext, parsed: CompletionRequest) -> list[int]:
+def _completion_prompt(ctx: Engine, parsed: CompletionRequest) -> list[int]:
     prompt = parsed.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -137,14 +139,14 @@ def _completion_prompt(ctx: EngineContext, parsed: CompletionRequest) -> list[in
     return ids
 
 
-def _chat_prompt(ctx: EngineContext, parsed: ChatCompletionRequest) -> list[int]:
+def _chat_prompt(ctx: Engine, parsed: ChatCompletionRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.text()} for m in parsed.messages]
     text = ctx.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     # The template already holds any BOS the model wants.
     return ctx.tokenizer.encode(text, add_special_tokens=False)
 
 
-def _max_tokens(ctx: EngineContext, prompt_len: int, requested: int | None, param: str) -> int:
+def _max_tokens(ctx: Engine, prompt_len: int, requested: int | None, param: str) -> int:
     limit = min(ctx.max_model_len, ctx.cache_tokens)
     if prompt_len >= limit:
         raise APIError(400, f"the prompt is {prompt_len} tokens; this engine takes at most "
@@ -184,8 +186,8 @@ async def _events(
     async for output in stream:
         last = output
         if output.error is not None:
-            yield sse(APIError(output.error_code or 500, output.error,
-                               type=_ERROR_TYPES.get(output.error_code, "server_error")).body())
+            yield error_event(output.error_code or 500, output.error,
+                              _ERROR_TYPES.get(output.error_code, "server_error"), "engine_error")
             break
         if output.text or output.finished:
             yield chunk(choices=[choice(chat, output.text, output.finish_reason, stream=True)])

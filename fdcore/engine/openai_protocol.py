@@ -1,4 +1,4 @@
-"""OpenAI request models, their validation, and the response and error shapes."""
+"""OpenAI request models, their validation, and the response shapes."""
 
 from __future__ import annotations
 
@@ -7,36 +7,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class APIError(Exception):
-    """A request failure with an HTTP status, rendered as OpenAI's error JSON."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        """``{"error": {"message", "type", "param", "code"}}``."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+from fdcore.http import APIError, parse_json
 
 
 class StreamOptions(BaseModel):
@@ -138,10 +109,7 @@ class ChatCompletionRequest(_Request):
 
 def parse_request(model: type[RequestT], body: bytes) -> RequestT:
     """Decode and validate a JSON body; every failure is a 400 naming the problem."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"malformed JSON body: {exc}", code="invalid_json") from None
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:

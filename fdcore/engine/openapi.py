@@ -15,11 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fdcore.engine.openai_protocol import ChatCompletionRequest, CompletionRequest
-from fdcore.engine.responses import json_response
-from fdcore.http import MAX_REQUEST_ID, REQUEST_ID_RULE
+from fdcore.http import MAX_REQUEST_ID, REQUEST_ID_RULE, json_response
 
 if TYPE_CHECKING:  # the router uses this module too, and needs no engine parts
-    from fdcore.engine.context import EngineContext
+    from fdcore.engine.engine import Engine
 
 REF = "#/components/schemas/{model}"
 # fdcore.http's rule as a JSON Schema pattern: visible ASCII, no space.
@@ -179,5 +178,5 @@ def engine_document(served_names: Sequence[str] = (), vocab_size: int = 0) -> di
 
 async def openapi(request: Request) -> Response:
     """``GET /openapi.json``: the engine's OpenAPI document, for the model it serves."""
-    ctx: EngineContext = request.app.state.engine
+    ctx: Engine = request.app.state.engine
     return json_response(engine_document(sorted(ctx.served_names), ctx.vocab_size))

@@ -14,7 +14,7 @@ from fdcore.types import EngineRequest, RequestOutput
 
 
 @dataclass(eq=False, slots=True)
-class Sequence:
+class Seq:
     """Prompt plus generated tokens; ``num_computed`` of them have their K/V in the cache.
 
     After preemption the blocks are given back and ``num_computed`` drops to 0: the sequence
@@ -31,7 +31,7 @@ class Sequence:
     admitted_once: bool = False
 
     @classmethod
-    def from_request(cls, request: EngineRequest, tokenizer: Tokenizer) -> Sequence:
+    def from_request(cls, request: EngineRequest, tokenizer: Tokenizer) -> Seq:
         """A fresh sequence for ``request``."""
         sampling = request.sampling
         return cls(

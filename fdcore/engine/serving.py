@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Iterable
 
 from fdcore.engine.engine_loop import EngineLoop
 from fdcore.engine.metrics import EngineMetrics
-from fdcore.engine.openai_protocol import APIError
-from fdcore.types import EngineRequest, RequestOutput, Scheduler
+from fdcore.http import INVALID_REQUEST, APIError
+from fdcore.types import EngineRequest, Rejection, RejectionKind, RequestOutput, Scheduler
 
 # How long the dispatcher waits for outputs before checking again (it is woken by outputs).
 _RESULT_WAIT_SECONDS = 1.0
@@ -33,12 +33,19 @@ class RequestStream:
                 return
 
 
-def _rejection(request_id: str, reason: str) -> APIError:
-    if reason.startswith("Exceeding the max length"):
-        return APIError(429, reason, type="rate_limit_error", code="queue_full")
-    if "duplicate" in reason:
-        return APIError(409, f"{reason}: {request_id}", param="request_id", code="duplicate_id")
-    return APIError(503, reason, type="service_unavailable_error", code="rejected")
+# How the API answers a request its scheduler refused: HTTP status, OpenAI error type and
+# param. The error's ``code`` is the kind itself.
+_REFUSALS: dict[RejectionKind, tuple[int, str, str | None]] = {
+    RejectionKind.QUEUE_FULL: (429, "rate_limit_error", None),
+    RejectionKind.DUPLICATE_ID: (409, INVALID_REQUEST, "request_id"),
+    RejectionKind.UNAVAILABLE: (503, "service_unavailable_error", None),
+    RejectionKind.INVALID: (400, INVALID_REQUEST, None),
+}
+
+
+def _refused(rejection: Rejection) -> APIError:
+    status, type_, param = _REFUSALS[rejection.kind]
+    return APIError(status, rejection.message, type_, param, str(rejection.kind))
 
 
 class Serving:
@@ -68,12 +75,17 @@ class Serving:
         """Queue ``request``; raises :class:`APIError` when the scheduler refuses it."""
         rid = request.request_id
         if rid in self._streams:
-            raise _rejection(rid, "duplicated request_id")
+            duplicate = f"duplicated request_id: {rid}"
+            raise _refused(Rejection(rid, RejectionKind.DUPLICATE_ID, duplicate))
         stream = self._streams[rid] = RequestStream(request)
-        [(_, reason)] = await self.scheduler.put_requests([request])
-        if reason is not None:
+        try:
+            rejected = await self.scheduler.put_requests([request])
+        except BaseException:
+            del self._streams[rid]  # or the id would stay "in flight" for good
+            raise
+        if rejected:
             del self._streams[rid]
-            raise _rejection(rid, reason)
+            raise _refused(rejected[0])
         self.metrics.requests_number.inc()
         return stream
 

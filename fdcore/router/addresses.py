@@ -8,7 +8,7 @@ import ipaddress
 import socket
 
 from fdcore.config import RouterConfig
-from fdcore.router.errors import ClientError
+from fdcore.http import APIError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -31,7 +31,7 @@ def literal(host: str) -> frozenset[str]:
 async def resolve(host: str) -> frozenset[str]:
     """Every IP address ``host`` names (just itself for an IP address).
 
-    Raises :class:`ClientError` (400) for a name that does not resolve.
+    Raises :class:`APIError` (400) for a name that does not resolve.
     """
     if found := literal(host):
         return found
@@ -39,8 +39,8 @@ async def resolve(host: str) -> frozenset[str]:
     try:
         infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ClientError(400, f"host_ip: cannot resolve {host!r}: {exc}",
-                          param="host_ip") from None
+        raise APIError(400, f"host_ip: cannot resolve {host!r}: {exc}",
+                       param="host_ip") from None
     return frozenset(str(_normal(str(info[4][0]))) for info in infos)
 
 
@@ -73,7 +73,7 @@ class RegistrationRules:
     async def check(self, host: str, port: int) -> frozenset[str]:
         """Resolve ``host`` and apply the rules; return its addresses.
 
-        Raises :class:`ClientError`: 403 for an address outside the allow-list, 400 for the
+        Raises :class:`APIError`: 403 for an address outside the allow-list, 400 for the
         router's own port on a local address (an instance that would be the router itself).
         """
         addresses = await resolve(host)
@@ -81,7 +81,7 @@ class RegistrationRules:
             outside = sorted(a for a in addresses
                              if not any(_normal(a) in net for net in self.networks))
             if outside:
-                raise ClientError(
+                raise APIError(
                     403, f"host_ip: {host} ({', '.join(outside)}) is outside the networks "
                          "allowed to register (manager.register-allow-networks)",
                     type_="permission_error", param="host_ip",
@@ -89,8 +89,8 @@ class RegistrationRules:
         if port == self.port:
             try:
                 own = await resolve(self.host)
-            except ClientError:  # a listen host that no longer resolves: the local check stays
+            except APIError:  # a listen host that no longer resolves: the local check stays
                 own = frozenset()
             if any(a in own or is_local(a) for a in addresses):
-                raise ClientError(400, "cannot register the router itself", param="host_ip")
+                raise APIError(400, "cannot register the router itself", param="host_ip")
         return addresses

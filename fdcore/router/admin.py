@@ -13,9 +13,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
+from fdcore.http import (
+    APIError,
+    error_object,
+    error_response,
+    json_response,
+    parse_json,
+    read_body,
+)
 from fdcore.router.addresses import resolve
 from fdcore.router.auth import Keys
-from fdcore.router.errors import ClientError, error_response, json_response
 from fdcore.router.instances import guarded_changes
 from fdcore.router.payload import (
     PayloadError,
@@ -24,7 +31,6 @@ from fdcore.router.payload import (
     parse_address,
     parse_instance,
 )
-from fdcore.router.proxy import models_union
 from fdcore.router.state import RouterState
 from fdcore.types import Instance, Role
 
@@ -33,29 +39,13 @@ _ADMIN_BODY_LIMIT = 1024 * 1024
 
 
 async def _json_body(request: Request) -> Any:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > _ADMIN_BODY_LIMIT:
-            raise ClientError(413, f"request body exceeds the limit of {_ADMIN_BODY_LIMIT} bytes",
-                              type_="request_too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ClientError(400, f"request body is not valid JSON: {exc}") from None
+    return parse_json(await read_body(request.scope, request.receive, _ADMIN_BODY_LIMIT))
 
 
-def _register_error(
-    status: int, message: str, type_: str = "invalid_request_error"
-) -> Response:
+def _register_error(error: APIError) -> Response:
     # FastDeploy's shape ({code, msg}) for engines, plus OpenAI's error object.
-    return json_response(
-        {"code": status, "msg": message,
-         "error": {"message": message, "type": type_, "code": status}},
-        status,
-    )
+    body = error_object(error.status, error.message, error.type, error.param, error.code)
+    return json_response({"code": error.status, "msg": error.message, **body}, error.status)
 
 
 async def register(request: Request) -> Response:
@@ -63,19 +53,21 @@ async def register(request: Request) -> Response:
     state: RouterState = request.app.state.fdcore
     try:
         instance = parse_instance(await _json_body(request), time.time())
-    except ClientError as exc:
-        return _register_error(exc.status, exc.message)
+    except APIError as exc:
+        return _register_error(exc)
     except PayloadError as exc:
-        return _register_error(400, f"invalid InstanceInfo: {exc}")
+        return _register_error(APIError(400, f"invalid InstanceInfo: {exc}"))
     if state.config.server.splitwise and instance.role is Role.MIXED:
-        return _register_error(400, "splitwise mode only supports PREFILL/DECODE instances")
+        return _register_error(
+            APIError(400, "splitwise mode only supports PREFILL/DECODE instances")
+        )
     if not state.config.server.splitwise and instance.role is not Role.MIXED:
-        return _register_error(400, "only MIXED instances are allowed (start the router with "
-                                    "--splitwise for prefill/decode)")
+        return _register_error(APIError(400, "only MIXED instances are allowed (start the "
+                                             "router with --splitwise for prefill/decode)"))
     try:
         addresses = await state.registration.check(instance.host_ip, instance.port)
-    except ClientError as exc:
-        return _register_error(exc.status, exc.message, exc.type)
+    except APIError as exc:
+        return _register_error(exc)
     known = state.instances.find(instance.url, instance.port, addresses)
     if known is None:
         ok, detail = await state.health.probe(instance)
@@ -83,14 +75,14 @@ async def register(request: Request) -> Response:
             # The probe's detail can carry another server's banner: the log gets it, not the
             # client.
             log.warning("registration refused", instance=instance.url, detail=detail)
-            return _register_error(503, f"service is not healthy: {instance.url}")
+            return _register_error(APIError(503, f"service is not healthy: {instance.url}"))
     elif known.healthy and (changed := guarded_changes(known, instance)):
         keys: Keys = request.app.state.auth
         if not keys.is_admin(request.scope["headers"]):
-            return _register_error(
+            return _register_error(APIError(
                 409, f"{known.url} is registered and healthy: changing {', '.join(changed)} "
                      "needs the admin key (or deregister it first)", "conflict",
-            )
+            ))
     record, is_new = state.instances.upsert(instance, healthy=True, addresses=addresses)
     if is_new:
         log.info("instance registered", instance=record.url, role=record.role.value)
@@ -109,14 +101,14 @@ async def deregister(request: Request) -> Response:
     try:
         host, port = parse_address(await _json_body(request))
         addresses = await resolve(host)
-    except ClientError as exc:
-        return _register_error(exc.status, exc.message, exc.type)
+    except APIError as exc:
+        return _register_error(exc)
     except PayloadError as exc:
-        return _register_error(400, f"invalid InstanceInfo: {exc}")
+        return _register_error(APIError(400, f"invalid InstanceInfo: {exc}"))
     url = instance_url(host, port)
     known = state.instances.find(url, port, addresses)
     if known is None:
-        return _register_error(404, f"not registered: {url}", "not_found")
+        return _register_error(APIError(404, f"not registered: {url}", "not_found"))
     state.instances.remove(known.url)
     log.info("instance deregistered", instance=known.url, role=known.role.value)
     return json_response({"code": 200, "msg": "Deregister success"})
@@ -194,12 +186,24 @@ async def _fan_out(
     return list(await asyncio.gather(*(one(i) for i in targets)))
 
 
+def _models_union(answers: list[Any]) -> dict[str, Any]:
+    """Merge instances' ``/v1/models`` answers into one OpenAI list, by model id."""
+    seen: dict[str, dict[str, Any]] = {}
+    for answer in answers:
+        if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+            continue
+        for model in answer["data"]:
+            if isinstance(model, dict) and isinstance(model.get("id"), str):
+                seen.setdefault(model["id"], model)
+    return {"object": "list", "data": list(seen.values())}
+
+
 async def models(request: Request) -> Response:
     """``GET /v1/models``: the union of the healthy instances' models."""
     state: RouterState = request.app.state.fdcore
     targets = [i for i in state.instances.instances() if i.healthy]
     answers = await _fan_out(state, "GET", "/v1/models", targets)
-    return json_response(models_union([body for _, status, body in answers if status == 200]))
+    return json_response(_models_union([body for _, status, body in answers if status == 200]))
 
 
 async def abort_requests(request: Request) -> Response:
@@ -211,8 +215,8 @@ async def abort_requests(request: Request) -> Response:
     state: RouterState = request.app.state.fdcore
     try:
         payload = await _json_body(request)
-    except ClientError as exc:
-        return error_response(exc.status, exc.message, exc.type)
+    except APIError as exc:
+        return exc.response()
     if not isinstance(payload, dict):
         return error_response(400, "request body must be a JSON object")
     abort_all = payload.get("abort_all", False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import structlog
 from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
@@ -13,14 +14,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fdcore import __version__
 from fdcore.config import RouterConfig
+from fdcore.http import error_response
 from fdcore.plugins import PluginSet, load_plugins
 from fdcore.router import admin
 from fdcore.router.auth import Access, Guard, Keys
-from fdcore.router.errors import error_response
 from fdcore.router.openapi import openapi
 from fdcore.router.proxy import ENDPOINT_PATHS
-from fdcore.router.state import build_state
+from fdcore.router.state import RouterState, build_state
+from fdcore.types import HostInfo, Role
+
+log = structlog.get_logger("fdcore.router")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -89,15 +94,28 @@ class RouterApp:
         await self._app(scope, receive, send)
 
 
+def _log_start(state: RouterState) -> None:
+    """One line naming what this router runs: its policies, health check and plugins."""
+    policies = {
+        "policy" if role is Role.MIXED else f"{role.value}_policy": policy.name
+        for role, policy in state.selector.policies.items()
+    }
+    plugins = {p.name: f"{p.distribution} {p.version}".strip() for p in state.plugins.plugins}
+    log.info("router starting", **policies, health_check=state.config.manager.health_check,
+             plugins=plugins)
+
+
 def create_app(config: RouterConfig, plugins: PluginSet | None = None) -> RouterApp:
     """Build a router app with its own plugin manager, registry and metrics."""
     if plugins is None:
-        plugins = load_plugins(config.plugins.enable, config.plugins.block)
+        plugins = load_plugins(config.plugins.enable, config.plugins.block,
+                               host=HostInfo("router", __version__))
     state = build_state(config, plugins)
     keys = Keys(config.auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        _log_start(state)
         keys.warn_if_open()
         await state.start()
         try:

@@ -21,7 +21,7 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fdcore.config import AuthConfig
-from fdcore.router.errors import error_response
+from fdcore.http import error_response
 
 log = structlog.get_logger("fdcore.router")
 Headers = Iterable[tuple[bytes, bytes]]

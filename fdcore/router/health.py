@@ -36,11 +36,14 @@ class HealthManager:
     """
 
     def __init__(
-        self, registry: InstanceRegistry, check: HealthCheck, config: ManagerConfig
+        self, registry: InstanceRegistry, check: HealthCheck, config: ManagerConfig,
+        plugin: str = "unknown",
     ) -> None:
         self.registry = registry
         self.check = check
         self.config = config
+        self.plugin = plugin  # the plugin that registered ``check``, for logs
+        self._abandoned: set[asyncio.Task[tuple[bool, str]]] = set()
         self.streaks: dict[str, Streak] = {}
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
@@ -58,11 +61,38 @@ class HealthManager:
         await self.check.stop()
 
     async def probe(self, instance: Instance) -> tuple[bool, str]:
-        """One check of one instance, outside the rounds (used when an instance registers)."""
+        """One check of one instance, bounded by ``health-check-timeout-secs`` whatever the
+        plugin does: a check still running then is cancelled and left behind (one that ignores
+        the cancellation cannot hold the round), and one that raises counts as failed."""
+        timeout = self.config.health_check_timeout_secs
+        task = asyncio.ensure_future(self.check.check(instance))
         try:
-            return await self.check.check(instance)
+            done, _ = await asyncio.wait((task,), timeout=timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            self._abandoned.add(task)
+            task.add_done_callback(self._reap)
+            return False, f"timed out after {timeout:g}s (manager.health-check-timeout-secs)"
+        try:
+            result = task.result()
         except Exception as exc:  # a plugin bug must not take the router down
+            log.warning("health check raised", check=self.check.name, plugin=self.plugin,
+                        instance=instance.url, error=f"{type(exc).__name__}: {exc}")
             return False, f"health check raised {type(exc).__name__}: {exc}"
+        if not (isinstance(result, tuple) and len(result) == 2):
+            log.warning("health check returned a bad value", check=self.check.name,
+                        plugin=self.plugin, returned=repr(result)[:200])
+            return False, f"health check {self.check.name!r} returned {type(result).__name__}"
+        return bool(result[0]), str(result[1])
+
+    def _reap(self, task: asyncio.Task[tuple[bool, str]]) -> None:
+        self._abandoned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("health check failed after its timeout", check=self.check.name,
+                        plugin=self.plugin, error=repr(task.exception()))
 
     async def check_all(self) -> None:
         """Run one round over every registered instance and apply the thresholds."""

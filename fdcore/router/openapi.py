@@ -21,7 +21,7 @@ from fdcore.engine.openapi import (
     operation,
     request_schemas,
 )
-from fdcore.router.errors import json_response
+from fdcore.http import json_response
 
 _PORT: dict[str, Any] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535},
                                    {"type": "string", "pattern": "^[1-9][0-9]{0,4}$"}]}

@@ -11,13 +11,22 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fdcore.config import ProxyConfig
-from fdcore.http import BadRequestId, bad_header_value, check_request_id
-from fdcore.router.errors import ClientError, error_body
+from fdcore.http import (
+    APIError,
+    BadRequestId,
+    ClientGone,
+    bad_header_value,
+    check_request_id,
+    error_body,
+    error_event,
+    parse_json,
+    read_body,
+    until_disconnect,
+)
 from fdcore.router.metrics import RouterMetrics
 from fdcore.router.prompts import PROMPT_READERS, check_common
 from fdcore.router.selection import Lease, NoInstance, Selector
@@ -43,10 +52,6 @@ _PATHS = {name: path.encode() for name, path in ENDPOINT_PATHS.items()}
 _JSON = b"application/json"
 
 
-class ClientGone(Exception):
-    """The client disconnected before the answer was complete."""
-
-
 class Drained(Exception):
     """The router's drain grace period ended before this request finished."""
 
@@ -54,7 +59,8 @@ class Drained(Exception):
 class _Exchange:
     """Per-request state: who the client is, what it sent, how it ended."""
 
-    __slots__ = ("drained", "endpoint", "gone", "request_id", "started", "status")
+    __slots__ = ("answer", "drained", "endpoint", "first_byte_at", "gone", "request_id",
+                 "started", "status", "upstream_status")
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -63,27 +69,10 @@ class _Exchange:
         self.status = 0
         self.gone = False
         self.drained = False
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise ClientError(413, f"request body is {int(value)} bytes; the limit is {limit}",
-                              type_="request_too_large")
-    chunks = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ClientError(413, f"request body exceeds the limit of {limit} bytes",
-                              type_="request_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+        # What the policy's release result reports of the current attempt.
+        self.first_byte_at: float | None = None
+        self.upstream_status = 0
+        self.answer = b""  # the body, or a stream's last chunks (for ``usage``)
 
 
 class Proxy:
@@ -140,8 +129,9 @@ class Proxy:
             ex = _Exchange(endpoint)
             try:
                 await self._handle(ex, scope, receive, send)
-            except ClientError as exc:
-                await self._reply_error(ex, send, exc.status, exc.message, exc.type, exc.param)
+            except APIError as exc:
+                await self._reply_error(ex, send, exc.status, exc.message, exc.type, exc.param,
+                                        code=exc.code)
             except ClientGone:
                 ex.status = 499
             except Drained:
@@ -179,16 +169,16 @@ class Proxy:
                 try:
                     request_id = check_request_id(value.decode("latin-1"), "x-request-id")
                 except BadRequestId as exc:
-                    raise ClientError(400, str(exc), param="x-request-id") from None
+                    raise APIError(400, str(exc), param="x-request-id") from None
             elif name == VIA_HEADER:
                 hops = value.split(b",")
                 if self.router_id in (hop.strip() for hop in hops) or len(hops) >= _MAX_HOPS:
-                    raise ClientError(508, "request loop: this request has already passed "
+                    raise APIError(508, "request loop: this request has already passed "
                                       "through this router (an instance registered under "
                                       "the router's own address?)", type_="loop_detected")
                 via = value + b"," + self.router_id
             elif bad_header_value(value):
-                raise ClientError(400, f"header {name.decode('latin-1')!r}: contains control "
+                raise APIError(400, f"header {name.decode('latin-1')!r}: contains control "
                                   "characters and cannot be forwarded", param=None)
             elif name not in skip:
                 lines += (name, b": ", value, b"\r\n")
@@ -199,14 +189,11 @@ class Proxy:
         ex.request_id, lines = self._read_head(scope)
         if self.splitwise:
             # Instances register with their roles already; pairing them comes with PD routing.
-            raise ClientError(501, "prefill/decode (splitwise) routing is not available in this "
+            raise APIError(501, "prefill/decode (splitwise) routing is not available in this "
                               "version; run the router without --splitwise",
                               type_="not_implemented")
-        body = await _read_body(scope, receive, self.max_body)
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ClientError(400, f"request body is not valid JSON: {exc}") from None
+        body = await read_body(scope, receive, self.max_body)
+        payload = parse_json(body)
         check_common(payload)
         prompt = PROMPT_READERS[ex.endpoint](payload)
         if not ex.request_id:
@@ -216,30 +203,24 @@ class Proxy:
         head = b"".join((b"POST ", _PATHS[ex.endpoint], b" HTTP/1.1\r\n", *lines,
                          b"x-request-id: ", ex.request_id.encode("ascii"), b"\r\n"))
         stream = payload.get("stream") is True
-        # After the body, the only message ``receive`` can bring is http.disconnect: watch it
-        # and cancel this task when it comes.
         task = asyncio.current_task()
         assert task is not None
 
-        def on_disconnect(fut: asyncio.Future[Any]) -> None:
-            if not fut.cancelled():
-                ex.gone = True
-                task.cancel()
+        def gone() -> None:
+            ex.gone = True
 
-        watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(on_disconnect)
         self._active[ex] = task
         try:
-            await self._route(ex, route, head, body, stream, send)
+            # A client that leaves raises ClientGone here; the drain cancels this task.
+            await until_disconnect(receive, self._route(ex, route, head, body, stream, send),
+                                   gone)
         except asyncio.CancelledError:
-            if not (ex.gone or ex.drained):
+            if not ex.drained:
                 raise
             task.uncancel()
-            raise (ClientGone if ex.gone else Drained) from None
+            raise Drained from None
         finally:
             del self._active[ex]
-            watcher.remove_done_callback(on_disconnect)
-            watcher.cancel()
 
     async def _route(
         self, ex: _Exchange, route: RouteRequest, head: bytes, body: bytes, stream: bool,
@@ -292,7 +273,8 @@ class Proxy:
                                         "bad_gateway")
                 return
             finally:
-                lease.release(outcome)
+                lease.release(outcome, ex.upstream_status, stream and ex.upstream_status == 200,
+                              ex.first_byte_at, ex.answer)
 
     def _first_byte_timeout(self, stream: bool) -> float:
         config = self.config
@@ -314,9 +296,9 @@ class Proxy:
                 instance.host_ip, instance.port, head, body, ex.request_id.encode("ascii")
             )
             timer.reschedule(deadline)
-            self.metrics.child(self.metrics.ttfb, ex.endpoint).observe(
-                time.perf_counter() - ex.started
-            )
+            ex.first_byte_at = now = time.perf_counter()
+            ex.upstream_status = upstream.status
+            self.metrics.child(self.metrics.ttfb, ex.endpoint).observe(now - ex.started)
             self.metrics.child(
                 self.metrics.inference_requests, instance.url, "", "", str(upstream.status)
             ).inc()
@@ -334,6 +316,7 @@ class Proxy:
                 raise
             upstream.release()
             ex.status = upstream.status
+            ex.answer = data
             headers.append((b"content-length", str(len(data)).encode()))
             await send({"type": "http.response.start", "status": upstream.status,
                         "headers": headers})
@@ -351,11 +334,13 @@ class Proxy:
         done = False
         gap = self.config.stream_idle_timeout_secs
         loop = asyncio.get_running_loop()
+        last = previous = b""  # the stream's last two chunks: where its ``usage`` would be
         try:
             # One timer for the whole stream, pushed back by every chunk that arrives.
             async with asyncio.timeout(loop.time() + gap) as idle:
                 async for chunk in upstream.chunks():
                     idle.reschedule(loop.time() + gap)
+                    previous, last = last, chunk
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             done = True
         except ResponseFailed as exc:
@@ -369,6 +354,7 @@ class Proxy:
                               "(proxy.stream-idle-timeout-secs)", "timeout")
             return Outcome.TIMEOUT
         finally:
+            ex.answer = previous + last
             if not done:
                 upstream.close()  # closing is what tells the instance to stop generating
         upstream.release()
@@ -377,7 +363,7 @@ class Proxy:
 
     async def _reply_error(
         self, ex: _Exchange, send: Send, status: int, message: str, type_: str,
-        param: str | None = None, retry_after: int | None = None,
+        param: str | None = None, retry_after: int | None = None, code: str | None = None,
     ) -> None:
         ex.status = status
         headers = [(b"content-type", _JSON)]
@@ -387,23 +373,11 @@ class Proxy:
             headers.append((b"retry-after", str(retry_after).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": error_body(status, message, type_,
-                                                                     param)})
+                                                                     param, code)})
 
 
 async def _end_stream(send: Send, status: int, message: str, type_: str) -> None:
     """Finish a started SSE stream with an error event."""
-    event = b"data: " + error_body(status, message, type_) + b"\n\n"
+    event = error_event(status, message, type_)
     await send({"type": "http.response.body", "body": event, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
-
-
-def models_union(answers: list[Any]) -> dict[str, Any]:
-    """Merge instances' ``/v1/models`` answers into one OpenAI list, by model id."""
-    seen: dict[str, dict[str, Any]] = {}
-    for answer in answers:
-        if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
-            continue
-        for model in answer["data"]:
-            if isinstance(model, dict) and isinstance(model.get("id"), str):
-                seen.setdefault(model["id"], model)
-    return {"object": "list", "data": list(seen.values())}

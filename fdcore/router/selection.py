@@ -16,15 +16,19 @@ from fdcore.config import RouterConfig
 from fdcore.router.instances import InstanceRegistry
 from fdcore.router.metrics import RouterMetrics
 from fdcore.router.outliers import OutlierDetector
-from fdcore.types import Instance, Outcome, Role, RouteRequest, SelectionPolicy
+from fdcore.types import Instance, Outcome, RequestResult, Role, RouteRequest, SelectionPolicy
 
 log = structlog.get_logger("fdcore.selection")
 
 
 class Lease:
-    """One request's claim on an instance: counted in on creation, counted out exactly once."""
+    """One request's claim on an instance: counted in on creation, counted out exactly once.
 
-    __slots__ = ("instance", "policy", "released", "request", "selector")
+    ``started`` is when the instance was chosen: the origin of the result's ``ttfb`` and
+    ``total``.
+    """
+
+    __slots__ = ("instance", "policy", "released", "request", "selector", "started")
 
     def __init__(
         self, selector: Selector, request: RouteRequest, instance: Instance, policy: SelectionPolicy
@@ -34,20 +38,38 @@ class Lease:
         self.instance = instance
         self.policy = policy
         self.released = False
+        self.started = time.perf_counter()
         load = instance.load
         load.requests += 1
         load.tokens += request.token_estimate
 
-    def release(self, outcome: Outcome) -> None:
-        """Give the counters back and tell the policy; later calls do nothing."""
+    def release(
+        self, outcome: Outcome, status: int = 0, streamed: bool = False,
+        first_byte_at: float | None = None, answer: bytes = b"",
+    ) -> None:
+        """Give the counters back and tell the policy; later calls do nothing.
+
+        ``first_byte_at`` is the ``time.perf_counter()`` reading when the instance's first
+        response byte arrived; ``answer`` the body, or a stream's last chunks, for ``usage``.
+        """
         if self.released:
             return
         self.released = True
         load = self.instance.load
         load.requests = max(0, load.requests - 1)
         load.tokens = max(0, load.tokens - self.request.token_estimate)
+        started = self.started
+        result = RequestResult(
+            self.request, self.instance, outcome, status, streamed,
+            None if first_byte_at is None else first_byte_at - started,
+            time.perf_counter() - started, answer,
+        )
         self.selector.finished(self, outcome)
-        self.policy.release(self.request, self.instance, outcome)
+        try:
+            self.policy.release(result)
+        except Exception:  # a policy bug must not leak the lease's other effects
+            log.exception("policy release failed", policy=self.policy.name,
+                          plugin=self.selector.plugin_of(self.request.role))
 
 
 class NoInstance(Exception):
@@ -64,6 +86,13 @@ class NoInstance(Exception):
     def __init__(self, role: Role, message: str = "") -> None:
         super().__init__(message or f"no healthy {role.value} instance available")
         self.role = role
+
+
+class PolicyFailed(NoInstance):
+    """The selection policy raised, or returned something that is not a candidate: 500."""
+
+    status = 500
+    type = "internal_error"
 
 
 class Saturated(NoInstance):
@@ -93,10 +122,13 @@ class Selector:
         metrics: RouterMetrics,
         config: RouterConfig | None = None,
         clock: Callable[[], float] = time.time,
+        plugins: Mapping[Role, str] | None = None,
     ) -> None:
         config = config or RouterConfig.model_validate({})
         self.instances = instances
         self.policies = dict(policies)
+        # The plugin that registered each role's policy, for error messages.
+        self.plugins = dict(plugins or {})
         self.metrics = metrics
         self.inflight: dict[str, Lease] = {}
         self.outliers = OutlierDetector(config.outlier, clock)
@@ -120,7 +152,20 @@ class Selector:
             if not candidates:
                 raise Saturated(role, cap, self.retry_after)
         policy = self.policies[role]
-        instance = await policy.select(request, candidates)
+        try:
+            instance = await policy.select(request, candidates)
+        except Exception as exc:
+            log.exception("policy select failed", policy=policy.name, plugin=self.plugin_of(role),
+                          request_id=request.request_id)
+            raise PolicyFailed(role, f"selection policy {policy.name!r} (plugin "
+                               f"{self.plugin_of(role)!r}) failed: {type(exc).__name__}: "
+                               f"{exc}") from None
+        if instance not in candidates:
+            log.error("policy returned a non-candidate", policy=policy.name,
+                      plugin=self.plugin_of(role), returned=repr(instance)[:200])
+            raise PolicyFailed(role, f"selection policy {policy.name!r} (plugin "
+                               f"{self.plugin_of(role)!r}) returned {type(instance).__name__}, "
+                               "not one of the candidates it was given")
         if cap and instance.load.requests >= cap:  # filled by another request while selecting
             raise Saturated(role, cap, self.retry_after)
         self.metrics.child(self.metrics.selections, policy.name, role.value, instance.url).inc()
@@ -138,6 +183,10 @@ class Selector:
             breaker = self.outliers.breaker(instance.url)
             log.warning("instance ejected", instance=instance.url, ejections=breaker.ejections,
                         until=round(breaker.ejected_until, 3))
+
+    def plugin_of(self, role: Role) -> str:
+        """The plugin whose policy serves ``role`` ("unknown" when not told)."""
+        return self.plugins.get(role, "unknown")
 
     def _forget(self, instance: Instance) -> None:
         self.outliers.forget(instance.url)

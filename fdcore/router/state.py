@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
 
-from fdcore.config import RouterConfig, option_keys, policy_config, read_yaml
+from fdcore.config import RouterConfig, health_check_options, policy_options, read_yaml
 from fdcore.drain import Drain
 from fdcore.errors import StartupError
+from fdcore.options import OptionsError, Validated
 from fdcore.plugins import PluginSet
 from fdcore.router.addresses import RegistrationRules
 from fdcore.router.health import HealthManager
@@ -21,7 +23,7 @@ from fdcore.router.payload import PayloadError, parse_instance
 from fdcore.router.proxy import Proxy
 from fdcore.router.selection import Selector
 from fdcore.router.stats import StatsLogger
-from fdcore.types import HealthContext, PolicyContext, Role, SelectionPolicy
+from fdcore.types import HealthContext, InstanceView, PolicyContext, Role, SelectionPolicy
 
 log = structlog.get_logger("fdcore.router")
 
@@ -90,35 +92,68 @@ def load_register_file(config: RouterConfig, instances: InstanceRegistry) -> Non
         log.info("instance from register file", instance=instance.url, role=instance.role.value)
 
 
+def policy_names(config: RouterConfig) -> dict[Role, str]:
+    """The policy each role of this router uses, as ``config`` selects them."""
+    scheduler = config.scheduler
+    if config.server.splitwise:
+        return {Role.PREFILL: scheduler.prefill_policy, Role.DECODE: scheduler.decode_policy}
+    return {Role.MIXED: scheduler.policy}
+
+
+def selected_policy_options(config: RouterConfig, plugins: PluginSet) -> Validated:
+    """The ``scheduler:`` options of the policy of every role in use, validated at once
+    (:func:`fdcore.config.policy_options`); each ignored FastDeploy option is logged."""
+    selected = {r: plugins.component("policy", name) for r, name in policy_names(config).items()}
+    registered = [c for c in plugins.registry if c.family == "policy"]
+    options = policy_options(config, selected, registered)
+    for line in options.ignored:
+        log.warning("option ignored", detail=line)
+    return options
+
+
+def make_policy(
+    config: RouterConfig, plugins: PluginSet, role: Role, instances: InstanceView,
+    prometheus: Any, options: Validated | None = None,
+) -> SelectionPolicy:
+    """Build the policy ``config`` selects for ``role``, its options validated from
+    ``scheduler:`` (also what :func:`fdcore.testing.policies.build_policy` calls).
+    ``options``: what :func:`selected_policy_options` returned, when the caller has it."""
+    options = options or selected_policy_options(config, plugins)
+    component = plugins.component("policy", policy_names(config)[role])
+    context = PolicyContext(instances=instances, role=role, prometheus=prometheus)
+    policy: SelectionPolicy = component.cls(options.configs[component.name], context)
+    return policy
+
+
 def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
     """Build policies and the health check from the registry; raises StartupError on bad config."""
-    registry = plugins.registry
     instances = InstanceRegistry()
     metrics = RouterMetrics(instances)
-    claimed: set[str] = set()
-    for name in registry.names("policy"):
-        claimed |= option_keys(registry.get("policy", name).cls.Config)
-    wanted = (
-        {Role.PREFILL: config.scheduler.prefill_policy, Role.DECODE: config.scheduler.decode_policy}
-        if config.server.splitwise else {Role.MIXED: config.scheduler.policy}
-    )
-    policies: dict[Role, SelectionPolicy] = {}
-    for role, name in wanted.items():
-        cls = registry.get("policy", name).cls
-        context = PolicyContext(instances=instances, role=role, prometheus=metrics.registry)
-        policies[role] = cls(policy_config(config, cls, claimed), context)
+    wanted = policy_names(config)
     manager = config.manager
-    check_cls = registry.get("health_check", manager.health_check).cls
+    check_component = plugins.component("health_check", manager.health_check)
+    problems: list[str] = []  # the policies' and the health check's, reported together
     try:
-        check_config = check_cls.Config.model_validate(manager.health_check_options)
-    except Exception as exc:
-        raise StartupError(f"{config.source}: manager.health-check-options: {exc}") from None
+        options = selected_policy_options(config, plugins)
+        policies = {role: make_policy(config, plugins, role, instances, metrics.registry, options)
+                    for role in wanted}
+    except OptionsError as exc:
+        problems += exc.lines
+    try:
+        checks = [c for c in plugins.registry if c.family == "health_check"]
+        check_config = health_check_options(config, check_component, checks)
+    except OptionsError as exc:
+        problems += exc.lines
+    if problems:
+        raise OptionsError(problems)
+    check_cls = check_component.cls
     check = check_cls(
         check_config,
         HealthContext(endpoint=manager.health_check_endpoint,
-                      timeout=manager.health_check_timeout_secs),
+                      timeout=manager.health_check_timeout_secs, prometheus=metrics.registry),
     )
-    selector = Selector(instances, policies, metrics, config)
+    owners = {role: plugins.component("policy", name).plugin for role, name in wanted.items()}
+    selector = Selector(instances, policies, metrics, config, plugins=owners)
     load_register_file(config, instances)
     drain = Drain()
     return RouterState(
@@ -126,7 +161,8 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         plugins=plugins,
         instances=instances,
         metrics=metrics,
-        health=HealthManager(instances, check, manager),
+        health=HealthManager(instances, check, manager,
+                             plugins.component("health_check", manager.health_check).plugin),
         selector=selector,
         proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes,
                     config.server.splitwise, drain=drain,

@@ -26,6 +26,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from fdcore.http import error_body
+
 
 class BackendState:
     """What the test backend has seen and how it is told to behave."""
@@ -59,12 +61,17 @@ def _chunk(rid: str, endpoint: str, text: str, finish: str | None) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(body=error_body(status, message), status=status,
+                        content_type="application/json")
+
+
 async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     state = _state(request)
     try:
         payload = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        return web.json_response({"error": {"message": "bad json", "code": 400}}, status=400)
+        return _error(400, "bad json")
     rid = request.headers.get("x-request-id", "none")
     echo = {"x-request-id": rid, "x-backend": state.name}
     headers = {k.lower(): v for k, v in request.headers.items()}
@@ -75,11 +82,7 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
         raise web.HTTPBadRequest  # never reaches the client: the socket is gone
     status = int(request.headers.get("x-test-status", "0")) or state.fail_status or 200
     if status != 200:
-        return web.json_response(
-            {"error": {"message": f"test backend {state.name} says {status}",
-                       "type": "invalid_request_error", "code": status}},
-            status=status,
-        )
+        return _error(status, f"test backend {state.name} says {status}")
     state.inflight.add(rid)
     try:
         if request.headers.get("x-test-hang"):

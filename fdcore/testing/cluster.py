@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +196,10 @@ class EngineHandle:
 class EngineFactory:
     """Starts ``fdcore engine`` processes: ``--model sim`` with a fast profile by default.
 
-    ``engines(n, router=r)`` makes them register with (and heartbeat to) router ``r``.
+    ``engines(n, router=r)`` makes them register with (and heartbeat to) router ``r``;
+    ``profile=`` sets the sim cost model (the keys of ``fdcore engine --sim-profile``, merged
+    over :data:`FAST_SIM_PROFILE`): one mapping for every engine, or a list of one per engine,
+    e.g. ``engines(2, profile=[{}, {"decode-seconds-per-step": 0.05}])`` for a slow second one.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -205,17 +208,28 @@ class EngineFactory:
         self.profile = directory / "sim-profile.yaml"
         self.profile.write_text(yaml.safe_dump(FAST_SIM_PROFILE))
 
+    def _profile_file(self, overrides: Mapping[str, Any] | None) -> Path:
+        if not overrides:
+            return self.profile
+        path = self.directory / f"sim-profile-{len(self.started)}.yaml"
+        path.write_text(yaml.safe_dump({**FAST_SIM_PROFILE, **overrides}))
+        return path
+
     def __call__(
         self, n: int = 1, *, router: Router | None = None, model: str = "sim",
         flags: list[str] | None = None, ready_timeout: float = 120,
+        profile: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> list[EngineHandle]:
+        profiles = list(profile) if isinstance(profile, Sequence) else [profile] * n
+        if len(profiles) != n:
+            raise ValueError(f"profile: {len(profiles)} profiles given for {n} engines")
         new = []
-        for _ in range(n):
+        for index in range(n):
             port = free_port()
             argv = [sys.executable, "-m", "fdcore", "engine", "--model", model,
                     "--host", "127.0.0.1", "--port", str(port), *(flags or [])]
             if model == "sim":
-                argv += ["--sim-profile", str(self.profile)]
+                argv += ["--sim-profile", str(self._profile_file(profiles[index]))]
             if router is not None:
                 argv += ["--router", f"127.0.0.1:{router.port}", "--register-interval", "0.5"]
             proc = ServerProcess(argv, ready_url=f"http://127.0.0.1:{port}/health",

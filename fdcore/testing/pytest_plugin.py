@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,9 +14,25 @@ from fdcore.testing.processes import free_port
 
 
 @pytest.fixture
-def fdcore_plugins() -> PluginSet:
-    """A fresh plugin manager with the default plugins loaded (isolated per test)."""
-    return load_plugins("default")
+def fdcore_plugin() -> Any:
+    """The plugin under test: override it in your ``conftest.py`` to return your plugin's
+    module (or ``(name, module)``); :func:`fdcore_plugins` then loads it beside ``default``.
+    The default, ``None``, loads the default plugins only."""
+    return None
+
+
+@pytest.fixture
+def fdcore_plugins(fdcore_plugin: Any) -> PluginSet:
+    """A fresh plugin set (isolated per test): the default plugins plus
+    :func:`fdcore_plugin`, loaded exactly as ``--plugins default,NAME`` would load them."""
+    if fdcore_plugin is None:
+        return load_plugins("default")
+    if isinstance(fdcore_plugin, tuple):
+        name, module = fdcore_plugin
+    else:
+        module = fdcore_plugin
+        name = getattr(module, "__name__", type(module).__name__).rsplit(".", 1)[-1]
+    return load_plugins("default", extra=[(name, module)])
 
 
 @pytest.fixture

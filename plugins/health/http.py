@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import aiohttp
 
 import fdcore
+from fdcore.bases import BaseHealthCheck
 from fdcore.registry import Register
-from fdcore.types import EmptyConfig, HealthContext, Instance, StrictModel
+from fdcore.types import EmptyConfig, HealthContext, Instance
 
 
-class HttpHealthCheck:
+class HttpHealthCheck(BaseHealthCheck[EmptyConfig]):
     """FastDeploy's check: HTTP GET on ``manager.health-check-endpoint``, healthy iff 200."""
 
-    name: ClassVar[str] = "http"
-    Config: ClassVar[type[StrictModel]] = EmptyConfig
+    name = "http"
 
-    def __init__(self, config: StrictModel, context: HealthContext) -> None:
+    def __init__(self, config: EmptyConfig, context: HealthContext) -> None:
+        super().__init__(config, context)
         self._endpoint = context.endpoint
         self._timeout = aiohttp.ClientTimeout(total=context.timeout)
         self._session: aiohttp.ClientSession | None = None

@@ -17,7 +17,7 @@ from fdcore.types import Instance, PolicyContext, RouteRequest, StrictModel
 
 from .block_hashes import block_hashes
 from .cache_scores import CacheScoreConfig, CandidateState, choose, hit_percent
-from .policy_metrics import policy_metrics
+from .policy_metrics import PolicyMetrics
 from .radix_tree import RadixTree
 from .tokenizer_client import RemoteTokenizer, TokenizeFailed
 
@@ -59,7 +59,7 @@ class CacheAwarePolicy(BasePolicy):
         super().__init__(config, context)
         cfg = self.config
         self.tree = RadixTree(cfg.max_tree_blocks, cfg.eviction_duration_mins * 60)
-        self._metrics = policy_metrics(context.prometheus)
+        self._metrics = context.metrics_once(PolicyMetrics)
         self._tokenizer = (
             RemoteTokenizer(cfg.tokenizer_url, cfg.tokenizer_timeout_secs)
             if cfg.tokenizer_url

@@ -1,14 +1,12 @@
 """Prometheus collectors the default policies report into the router's registry.
 
 A router builds one policy object per role, often several of the same class, all handed the same
-``CollectorRegistry``; a registry refuses a second collector of the same name, so the collectors
-are created once per registry and shared. Every series is labelled with the policy and role.
+``CollectorRegistry``; the policies make these collectors through ``context.metrics_once``
+(:mod:`fdcore.metrics`), so they exist once per app and are shared. Every series is labelled
+with the policy and role.
 """
 
 from __future__ import annotations
-
-from typing import Any
-from weakref import WeakKeyDictionary
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -51,16 +49,3 @@ class PolicyMetrics:
             ["policy", "role"],
             registry=registry,
         )
-
-
-_BY_REGISTRY: WeakKeyDictionary[Any, PolicyMetrics] = WeakKeyDictionary()
-
-
-def policy_metrics(registry: CollectorRegistry | None) -> PolicyMetrics:
-    """The shared :class:`PolicyMetrics` of ``registry``, created on first use."""
-    if registry is None:
-        return PolicyMetrics(None)
-    metrics = _BY_REGISTRY.get(registry)
-    if metrics is None:
-        metrics = _BY_REGISTRY[registry] = PolicyMetrics(registry)
-    return metrics

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fdcore.policies import BasePolicy
-from fdcore.types import Instance, Outcome, PolicyContext, RouteRequest, StrictModel
+from fdcore.types import Instance, PolicyContext, RequestResult, RouteRequest, StrictModel
 
 from .metrics_scraper import MetricsScraper, ScrapeConfig
-from .policy_metrics import policy_metrics
+from .policy_metrics import PolicyMetrics
 
 
 class RemoteLoadsMixin(BasePolicy):
@@ -29,7 +29,7 @@ class RemoteLoadsMixin(BasePolicy):
         super().__init__(config, context)
         if not isinstance(config, ScrapeConfig):
             raise TypeError(f"{type(self).__name__}.Config must include ScrapeConfig")
-        self._metrics = policy_metrics(context.prometheus)
+        self._metrics = context.metrics_once(PolicyMetrics)
         self.scraper = MetricsScraper(config, context, self.name, self._metrics)
         # url -> scrape round at dispatch -> requests still in flight.
         self._credit: dict[str, dict[int, int]] = {}
@@ -78,10 +78,11 @@ class RemoteLoadsMixin(BasePolicy):
             counts[round_] = counts.get(round_, 0) + 1
         return chosen
 
-    def release(self, request: RouteRequest, instance: Instance, outcome: Outcome) -> None:
+    def release(self, result: RequestResult) -> None:
         """Withdraw the request's credit."""
-        super().release(request, instance, outcome)
-        round_ = self._sent.pop((id(request), instance.url), None)
+        super().release(result)
+        instance = result.instance
+        round_ = self._sent.pop((id(result.request), instance.url), None)
         counts = self._credit.get(instance.url)
         if round_ is None or counts is None or round_ not in counts:
             return

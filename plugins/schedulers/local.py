@@ -9,7 +9,6 @@ requests always runs (not only above ``max-size``) and the evicted client gets a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -17,10 +16,18 @@ from collections.abc import Sequence
 from pydantic import Field
 
 import fdcore
-from fdcore.engine.admission import count_admissible
+from fdcore.bases import BaseScheduler
 from fdcore.registry import Register
-from fdcore.tasks import cancel_and_wait
-from fdcore.types import EngineRequest, RequestOutput, SchedulerContext, StrictModel
+from fdcore.tasks import cancel_and_wait, wait_event
+from fdcore.types import (
+    Capacity,
+    EngineRequest,
+    Rejection,
+    RejectionKind,
+    RequestOutput,
+    SchedulerContext,
+    StrictModel,
+)
 
 
 class LocalConfig(StrictModel):
@@ -30,15 +37,14 @@ class LocalConfig(StrictModel):
     ttl: float = Field(900.0, gt=0, description="seconds a request may wait in the queue")
 
 
-class LocalScheduler:
+class LocalScheduler(BaseScheduler[LocalConfig]):
     """Queues requests in this process and hands results straight back to the API side."""
 
     name = "local"
     Config = LocalConfig
 
     def __init__(self, config: LocalConfig, context: SchedulerContext) -> None:
-        self.config = config
-        self.context = context
+        super().__init__(config, context)
         self._queue: OrderedDict[str, tuple[EngineRequest, float]] = OrderedDict()
         self._in_flight: set[str] = set()
         self._results: dict[str, list[RequestOutput]] = {}
@@ -54,41 +60,33 @@ class LocalScheduler:
         """Stop the ttl reaper."""
         await cancel_and_wait(self._reaper)
 
-    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[tuple[str, str | None]]:
+    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[Rejection]:
         """Enqueue; a full scheduler rejects them all, a duplicate id is rejected alone."""
         max_size = self.config.max_size
         if max_size > 0 and len(self._in_flight) + len(requests) > max_size:
-            reason = f"Exceeding the max length of the local scheduler (max_size={max_size})"
-            return [(r.request_id, reason) for r in requests]
-        outcome: list[tuple[str, str | None]] = []
+            message = f"Exceeding the max length of the local scheduler (max_size={max_size})"
+            return [Rejection(r.request_id, RejectionKind.QUEUE_FULL, message) for r in requests]
+        rejected: list[Rejection] = []
         now = time.monotonic()
         for request in requests:
-            if request.request_id in self._in_flight:
-                outcome.append((request.request_id, "duplicated request_id"))
+            rid = request.request_id
+            if rid in self._in_flight:
+                rejected.append(
+                    Rejection(rid, RejectionKind.DUPLICATE_ID, f"duplicated request_id: {rid}")
+                )
                 continue
-            self._in_flight.add(request.request_id)
-            self._queue[request.request_id] = (request, now)
-            outcome.append((request.request_id, None))
+            self._in_flight.add(rid)
+            self._queue[rid] = (request, now)
         self._queued.set()
-        return outcome
+        return rejected
 
-    async def get_requests(
-        self,
-        available_blocks: int,
-        block_size: int,
-        reserved_output_blocks: int,
-        max_num_batched_tokens: int,
-        batch: int = 1,
-        timeout: float = 0.0,
-    ) -> list[EngineRequest]:
+    async def get_requests(self, capacity: Capacity, timeout: float = 0.0) -> list[EngineRequest]:
         """Take the queue's head while it fits (FastDeploy's admission rule)."""
         if not self._queue and timeout > 0:
             self._queued.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queued.wait(), timeout)
-        head = [request for request, _ in list(self._queue.values())[:batch]]
-        count = count_admissible(head, available_blocks, block_size, reserved_output_blocks, batch)
-        taken = head[:count]
+            await wait_event(self._queued, timeout)
+        head = [request for request, _ in list(self._queue.values())[: capacity.batch]]
+        taken = head[: capacity.admissible(head)]
         for request in taken:
             del self._queue[request.request_id]
         return taken
@@ -108,8 +106,7 @@ class LocalScheduler:
         """Everything produced since the last call, waiting up to ``timeout`` for something."""
         if not self._results and timeout > 0:
             self._has_results.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._has_results.wait(), timeout)
+            await wait_event(self._has_results, timeout)
         results, self._results = self._results, {}
         return results
 

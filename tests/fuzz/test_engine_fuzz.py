@@ -15,7 +15,7 @@ import schemathesis
 from schemathesis import BaseSchema
 
 from fdcore.engine.app import build_app
-from fdcore.engine.context import EngineContext
+from fdcore.engine.engine import Engine
 from fdcore.engine.openai_protocol import ChatCompletionRequest, CompletionRequest
 from fdcore.engine.openapi import engine_document
 from fdcore.testing.cluster import wait_until
@@ -57,8 +57,8 @@ def engine_schema(fuzz_engine: EngineUnderTest) -> BaseSchema:
 def test_schema_lists_every_route(engine_schema: BaseSchema) -> None:
     """The served document is this one, and it lists every route the app has."""
     assert operations(engine_schema.raw_schema) == OPERATIONS
-    # The routes only: no component starts, and no handler runs to read the context.
-    app = build_app(cast(EngineContext, None), [])
+    # The routes only: no engine starts, and no handler runs to read it.
+    app = build_app(cast(Engine, None))
     assert app_operations(app) == OPERATIONS
 
 

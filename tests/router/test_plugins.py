@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ import fdcore
 from fdcore.errors import StartupError
 from fdcore.plugins import load_plugins, parse_plugin_spec
 from fdcore.registry import Register
+from fdcore.testing.distributions import plugin_site, pythonpath
 from fdcore.types import EmptyConfig, Instance, StrictModel, TransferTarget
 from tests.router.conftest import RouterFactory
 
@@ -96,14 +98,9 @@ def test_misspelled_hook_is_caught() -> None:
 
 def _fake_distribution(tmp_path: Path, body: str) -> dict[str, str]:
     """A distribution ``broken-plugin 0.3`` on PYTHONPATH with an entry point ``broken``."""
-    info = tmp_path / "broken_plugin-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text("[fdcore]\nbroken = broken_plugin_mod\n")
-    (tmp_path / "broken_plugin_mod.py").write_text(body)
-    import os
-
-    return {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    site = plugin_site(tmp_path, "broken-plugin", {"broken": "broken_plugin_mod"},
+                       {"broken_plugin_mod": body}, version="0.3")
+    return {**os.environ, "PYTHONPATH": pythonpath(site)}
 
 
 def test_import_failure_stops_startup_naming_the_plugin(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from aiohttp import web
 from fdcore.config import ManagerConfig, RouterConfig, load_router_config
 from fdcore.engine.registration import advertised_ip
 from fdcore.errors import StartupError
+from fdcore.http import APIError
 from fdcore.router import addresses, health
 from fdcore.router.addresses import RegistrationRules
-from fdcore.router.errors import ClientError
 from fdcore.router.health import HealthManager
 from fdcore.router.instances import InstanceRegistry
 from fdcore.router.payload import parse_instance
@@ -62,7 +62,7 @@ async def test_every_resolved_address_must_be_inside(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(addresses, "resolve", two_homes)
     config = RouterConfig.model_validate({"manager": {"register-allow-networks": ["10.0.0.0/8"]}})
-    with pytest.raises(ClientError) as exc:
+    with pytest.raises(APIError) as exc:
         await RegistrationRules(config).check("dual.example", 8000)
     assert exc.value.status == 403 and "192.168.1.9" in exc.value.message
 

@@ -31,7 +31,7 @@ async def _stream_events(r: Router, rid: str) -> list[bytes]:
 def _check_ended_by_idle_timeout(events: list[bytes], backend: Backend) -> None:
     assert events[0].startswith(b"data: {") and b"b0-0" in events[0]
     error = orjson.loads(events[-1][len(b"data: "):])["error"]
-    assert error["code"] == 504 and error["type"] == "timeout"
+    assert error["code"] == "504" and error["type"] == "timeout"  # string code (issue 9)
     assert "sent nothing for 0.5s" in error["message"]
     assert len(events) == 2  # no further chunk, no [DONE]
 

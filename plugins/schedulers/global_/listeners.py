@@ -8,7 +8,7 @@ from typing import cast
 
 from redis.exceptions import RedisError
 
-from .link import Backoff, RedisLink
+from fdcore.redis import Backoff, RedisLink
 
 # A blocking read returns after this long with nothing, to notice it is no longer needed.
 _BLOCK_SECONDS = 1.0

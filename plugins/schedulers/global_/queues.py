@@ -6,9 +6,11 @@ import math
 from collections.abc import Sequence
 from typing import cast
 
+from fdcore.redis import RedisLink
+from fdcore.types import Capacity
+
 from .config import GlobalConfig
 from .keys import Topic
-from .link import RedisLink
 from .scripts import Scripts
 from .wire import Queued
 
@@ -34,10 +36,9 @@ class Queues:
         ]
         return int(await self.scripts.enqueue(keys=[keys.requests, keys.load], args=args))
 
-    async def take(
-        self, owner: str, batch: int, available_blocks: int, block_size: int, reserved: int
-    ) -> tuple[bool, list[Queued]]:
-        """Pop what fits from ``owner``'s queue (a steal unless ``owner`` is this instance).
+    async def take(self, owner: str, capacity: Capacity) -> tuple[bool, list[Queued]]:
+        """Pop what fits ``capacity`` from ``owner``'s queue (a steal unless ``owner`` is this
+        instance).
 
         Returns ``(owner_alive, items)``; items of a dead owner are handed over only so they
         can be dropped.
@@ -46,8 +47,9 @@ class Queues:
         thief = "" if owner == self.name else self.name
         reply = await self.scripts.take(
             keys=[keys.requests, keys.load, keys.alive, keys.results],
-            args=[owner, batch, available_blocks, block_size, reserved,
-                  self.config.min_load_score, thief, self.ttl, self.topic.loaded_channel],
+            args=[owner, capacity.batch, capacity.available_blocks, capacity.block_size,
+                  capacity.reserved_output_blocks, self.config.min_load_score, thief, self.ttl,
+                  self.topic.loaded_channel],
         )
         return bool(reply[0]), [Queued.decode(raw) for raw in reply[1:]]
 

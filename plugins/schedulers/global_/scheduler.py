@@ -18,17 +18,25 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 
+from fdcore.bases import BaseScheduler
 from fdcore.errors import StartupError
-from fdcore.types import EngineRequest, RequestOutput, SchedulerContext
+from fdcore.redis import RedisLink
+from fdcore.tasks import wait_event
+from fdcore.types import (
+    Capacity,
+    EngineRequest,
+    Rejection,
+    RejectionKind,
+    RequestOutput,
+    SchedulerContext,
+)
 
 from .config import GlobalConfig
 from .keepalive import KeepAlive
 from .ledger import Ledger, Own, failure
-from .link import RedisLink
 from .listeners import Announcements, Inbox
 from .queues import Queues
 from .stealing import Thief
-from .waiting import wait_event
 from .watchdog import Watchdog
 from .wire import Claim, Queued, Result, decode_message
 
@@ -36,16 +44,16 @@ log = structlog.get_logger(__name__)
 _STOP_ATTEMPTS = 50  # x 0.1 s: how long stop() keeps cancelling its loops
 
 
-class GlobalScheduler:
+class GlobalScheduler(BaseScheduler[GlobalConfig]):
     """The ``global`` scheduler plugin (FastDeploy's GlobalScheduler, see the module doc)."""
 
     name = "global"
     Config = GlobalConfig
 
     def __init__(self, config: GlobalConfig, context: SchedulerContext) -> None:
-        self.config = config
+        super().__init__(config, context)
         self.instance = context.instance_id
-        self.link = RedisLink(config)
+        self.link = RedisLink(config, f"scheduler {self.name!r}")
         self.queues = Queues(self.link, config, self.instance)
         self.thief = Thief(self.queues)
         self.ledger = Ledger(self.instance)
@@ -77,7 +85,7 @@ class GlobalScheduler:
             await self.queues.reset()
             await self.keepalive.register()
         except RedisError as exc:
-            raise StartupError(f"scheduler 'global': Redis at {self.link.address}: {exc}") from None
+            raise StartupError(f"{self.link.owner}: Redis at {self.link.address}: {exc}") from None
         loops: list[Coroutine[Any, Any, None]] = [
             self.keepalive.run(), self.inbox.run(), self.announcements.run(), self.watchdog.run()
         ]
@@ -105,46 +113,42 @@ class GlobalScheduler:
 
     def health(self) -> str | None:
         """None while Redis answers; otherwise why this instance cannot serve."""
-        return None if self.link.healthy else self.link.error
+        return self.link.health()
 
-    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[tuple[str, str | None]]:
-        """Queue in this instance's Redis list; a duplicate id is rejected alone."""
-        outcome: list[tuple[str, str | None]] = []
+    async def put_requests(self, requests: Sequence[EngineRequest]) -> list[Rejection]:
+        """Queue in this instance's Redis list; a duplicate id is rejected alone, and all are
+        when Redis is unreachable."""
+        rejected: list[Rejection] = []
         fresh: list[Queued] = []
         for request in requests:
             rid = request.request_id
             if rid in self.ledger or rid in self._stolen:
-                outcome.append((rid, "duplicate request_id"))
+                rejected.append(
+                    Rejection(rid, RejectionKind.DUPLICATE_ID, f"duplicate request_id: {rid}")
+                )
                 continue
             fresh.append(self.ledger.add(request))
-            outcome.append((rid, None))
         if not fresh:
-            return outcome
+            return rejected
         try:
             await self.queues.enqueue(fresh)
         except RedisError as exc:
             self._redis_failed(exc)
             for queued in fresh:
                 self.ledger.forget(queued.request.request_id)
-            reason = f"the global scheduler cannot queue requests: {self.link.error}"
-            failed = {queued.request.request_id for queued in fresh}
-            return [(rid, reason if rid in failed else why) for rid, why in outcome]
+            message = f"the global scheduler cannot queue requests: {self.link.error}"
+            return rejected + [
+                Rejection(queued.request.request_id, RejectionKind.UNAVAILABLE, message)
+                for queued in fresh
+            ]
         self.link.up()
         self._work.set()
         self.inbox.wake()
-        return outcome
+        return rejected
 
-    async def get_requests(
-        self,
-        available_blocks: int,
-        block_size: int,
-        reserved_output_blocks: int,
-        max_num_batched_tokens: int,
-        batch: int = 1,
-        timeout: float = 0.0,
-    ) -> list[EngineRequest]:
+    async def get_requests(self, capacity: Capacity, timeout: float = 0.0) -> list[EngineRequest]:
         """Own queued work first, else stolen work; wait up to ``timeout`` for either."""
-        if batch < 1 or available_blocks <= reserved_output_blocks:
+        if capacity.empty:
             return []
         idle = timeout > 0
         now = time.monotonic()
@@ -156,8 +160,7 @@ class GlobalScheduler:
         deadline = now + timeout
         while True:
             self._work.clear()
-            requests = await self._take(batch, available_blocks, block_size,
-                                        reserved_output_blocks)
+            requests = await self._take(capacity)
             left = deadline - time.monotonic()
             if requests or left <= 0:
                 self._busy = self._busy or bool(requests)
@@ -196,15 +199,12 @@ class GlobalScheduler:
         """Own requests still queued in Redis (as far as this instance knows)."""
         return self.ledger.queued_count()
 
-    async def _take(
-        self, batch: int, available_blocks: int, block_size: int, reserved: int
-    ) -> list[EngineRequest]:
+    async def _take(self, capacity: Capacity) -> list[EngineRequest]:
         if not self.link.healthy:
             return []  # the keep-alive loop probes Redis with backoff; engine steps go on
-        args = (batch, available_blocks, block_size, reserved)
         try:
             if self.ledger.queued_count():
-                _, items = await self.queues.take(self.instance, *args)
+                _, items = await self.queues.take(self.instance, capacity)
                 own = [q.request for q in self._fresh(items) if self.ledger.take(q.ticket)]
                 if own:
                     return own
@@ -212,7 +212,7 @@ class GlobalScheduler:
                 return []
             self._may_steal = False
             self._probed_at = time.monotonic()
-            victim, alive, items = await self.thief.steal(*args)
+            victim, alive, items = await self.thief.steal(capacity)
         except RedisError as exc:
             self._redis_failed(exc)
             return []

@@ -25,7 +25,7 @@ return n
 #       channel.  ``thief`` is empty when the owner takes its own work.
 # Returns {1, item...} (items to run) or {0, item...} (items of a dead owner, to drop).
 # Items read "<prompt_len> <ticket> <json>", so admission needs no JSON decoding; the rule
-# is fdcore.engine.admission.count_admissible (a test holds the two equal).
+# is fdcore.types.Capacity.admissible (a test holds the two equal).
 TAKE = """
 local owner, ttl, min_load = ARGV[1], ARGV[8], tonumber(ARGV[6])
 local thief = ARGV[7]

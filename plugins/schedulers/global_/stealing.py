@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from fdcore.types import Capacity
+
 from .queues import Queues
 from .wire import Queued
 
@@ -22,10 +24,9 @@ class Thief:
         self.min_load = queues.config.min_load_score
         self._cursor = random.randrange(self.shards)
 
-    async def steal(
-        self, batch: int, available_blocks: int, block_size: int, reserved: int
-    ) -> tuple[str, bool, list[Queued]]:
-        """Take work from one other instance: ``(victim, victim_alive, items)``.
+    async def steal(self, capacity: Capacity) -> tuple[str, bool, list[Queued]]:
+        """Take work that fits ``capacity`` from one other instance: ``(victim, victim_alive,
+        items)``.
 
         Instances with at least ``min-load-score`` queued requests are tried, most loaded
         first. When a shard has none, one instance with a shorter queue is tried: if it is
@@ -38,9 +39,7 @@ class Thief:
             loaded = [name for name, score in members if score >= self.min_load]
             victims = loaded[:_VICTIMS_PER_SHARD] or [name for name, _ in members[-1:]]
             for victim in victims:
-                alive, items = await self.queues.take(
-                    victim, batch, available_blocks, block_size, reserved
-                )
+                alive, items = await self.queues.take(victim, capacity)
                 if items:
                     return victim, alive, items
         return "", True, []

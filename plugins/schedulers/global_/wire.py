@@ -1,13 +1,16 @@
-"""What travels through Redis: queued requests, and outputs or claims sent to an origin."""
+"""The ``global`` scheduler's envelopes: queued requests, and outputs or claims sent to an origin.
+
+Requests and outputs inside them use the shared codec of :mod:`fdcore.redis`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
-from fdcore.types import EngineRequest, RequestOutput, SamplingParams
+from fdcore.redis import decode_output, decode_request, encode
+from fdcore.types import EngineRequest, RequestOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +29,7 @@ class Queued:
 
     def encode(self) -> bytes:
         """``<prompt_len> <ticket> <json>``: the Lua admission reads the prefix only."""
-        body = orjson.dumps(
-            {"origin": self.origin, "queued_at": self.queued_at, "request": self.request}
-        )
+        body = encode({"origin": self.origin, "queued_at": self.queued_at, "request": self.request})
         return f"{self.request.prompt_len} {self.ticket} ".encode() + body
 
     @classmethod
@@ -36,9 +37,8 @@ class Queued:
         """Inverse of :meth:`encode`."""
         _, ticket, body = raw.split(b" ", 2)
         data = orjson.loads(body)
-        request: dict[str, Any] = data["request"]
-        request["sampling"] = SamplingParams(**request["sampling"])
-        return cls(data["origin"], ticket.decode(), data["queued_at"], EngineRequest(**request))
+        return cls(data["origin"], ticket.decode(), data["queued_at"],
+                   decode_request(data["request"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class Result:
 
     def encode(self) -> bytes:
         """JSON message for the origin's results list."""
-        return orjson.dumps({"ticket": self.ticket, "output": self.output})
+        return encode({"ticket": self.ticket, "output": self.output})
 
 
 def decode_message(raw: bytes) -> Claim | Result:
@@ -66,4 +66,4 @@ def decode_message(raw: bytes) -> Claim | Result:
     data = orjson.loads(raw)
     if "claim" in data:
         return Claim(data["by"], list(data["claim"]))
-    return Result(data["ticket"], RequestOutput(**data["output"]))
+    return Result(data["ticket"], decode_output(data["output"]))

@@ -1,0 +1,147 @@
+"""The engine object: a loaded model and a scheduler wired into parts that start and stop in
+order, with the names and limits the HTTP routes read (``app.state.engine``)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from fdcore.drain import Drain
+from fdcore.engine.batcher import Batcher
+from fdcore.engine.block_manager import BlockManager
+from fdcore.engine.config import EngineConfig
+from fdcore.engine.engine_loop import EngineLoop
+from fdcore.engine.loader import LoadedModel
+from fdcore.engine.metrics import EngineMetrics
+from fdcore.engine.registration import Registrar, register_payload
+from fdcore.engine.runner import Tokenizer
+from fdcore.engine.serving import Serving
+from fdcore.tasks import cancel_and_wait
+from fdcore.types import Scheduler
+
+log = structlog.get_logger(__name__)
+
+
+class Part(Protocol):
+    """A part with background work: the scheduler, the step loop, serving, the registrar."""
+
+    async def start(self) -> None:
+        """Start background work."""
+
+    async def stop(self) -> None:
+        """Stop background work."""
+
+
+@dataclass(slots=True, eq=False)
+class Engine:
+    """One engine: its parts, names and limits.
+
+    :meth:`start` starts the scheduler, the step loop, serving and (when registering with a
+    router) the registrar, in that order; :meth:`stop` stops what was started, in reverse.
+    While started it also watches the drain: once its grace is over, what still runs is aborted.
+    """
+
+    model_name: str  # the served name: what /v1/models lists and responses carry
+    served_names: frozenset[str]  # names a request's ``model`` may give
+    instance_id: str  # host:port, the origin of this engine's requests
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    cache_tokens: int  # KV-cache capacity in tokens: what one sequence can use at most
+    max_body_bytes: int
+    scheduler: Scheduler
+    blocks: BlockManager
+    batcher: Batcher
+    metrics: EngineMetrics
+    loop: EngineLoop
+    serving: Serving
+    registrar: Registrar | None = None
+    drain: Drain = field(default_factory=Drain)  # begun by the server on SIGTERM
+    _started: list[Part] = field(default_factory=list, init=False, repr=False)
+    _expiry: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def parts(self) -> list[Part]:
+        """What :meth:`start` starts, in order."""
+        parts: list[Part] = [self.scheduler, self.loop, self.serving]
+        if self.registrar is not None:
+            parts.append(self.registrar)
+        return parts
+
+    async def start(self) -> None:
+        """Start every part in order; when one fails, stop those started before it and raise."""
+        for part in self.parts:
+            try:
+                await part.start()
+            except BaseException:
+                await self.stop()
+                raise
+            self._started.append(part)
+        self._expiry = asyncio.create_task(self._abort_on_expiry(), name="fdcore-drain-abort")
+
+    async def stop(self) -> None:
+        """Stop what :meth:`start` started, in reverse order (a second call does nothing)."""
+        await cancel_and_wait(self._expiry)
+        self._expiry = None
+        while self._started:
+            await self._started.pop().stop()
+
+    async def _abort_on_expiry(self) -> None:
+        """When the drain's grace is over, abort what still runs: each stream ends with
+        ``finish_reason: abort`` and its KV blocks return to the free pool."""
+        await self.drain.expired.wait()
+        ids = self.serving.active_ids()
+        if ids:
+            log.info("engine.drain_abort", requests=len(ids))
+            await self.serving.abort(ids)
+
+
+def build_engine(
+    config: EngineConfig, model: LoadedModel, scheduler: Scheduler, host_ip: str
+) -> Engine:
+    """The engine for ``model`` behind ``scheduler``, reached at ``host_ip:config.port``; it
+    registers with ``config.router`` when one is set."""
+    metrics = EngineMetrics()
+    blocks = BlockManager(model.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+    batcher = Batcher(
+        blocks, config.max_num_seqs, config.max_num_batched_tokens,
+        on_admit=lambda seq: metrics.on_admit(seq.prompt_len, seq.num_cached_tokens),
+    )
+    metrics.bind(
+        running=lambda: len(batcher.running), available_blocks=lambda: blocks.num_available,
+        free_blocks=lambda: blocks.num_free, used_blocks=lambda: blocks.num_used,
+        total_blocks=blocks.num_blocks, max_num_seqs=config.max_num_seqs,
+    )
+    loop = EngineLoop(
+        runner=model.runner, tokenizer=model.tokenizer, scheduler=scheduler, batcher=batcher,
+        metrics=metrics, eos_token_ids=model.eos_token_ids, max_model_len=model.max_model_len,
+        reserved_output_blocks=config.enc_dec_block_num,
+    )
+    name = config.served_model_name or model.name
+    return Engine(
+        model_name=name, served_names=frozenset({name, config.model, model.name}),
+        instance_id=f"{host_ip}:{config.port}", tokenizer=model.tokenizer,
+        vocab_size=model.runner.vocab_size, max_model_len=model.max_model_len,
+        cache_tokens=blocks.num_blocks * blocks.block_size,
+        max_body_bytes=config.max_request_bytes, scheduler=scheduler, blocks=blocks,
+        batcher=batcher, metrics=metrics, loop=loop, serving=Serving(scheduler, loop, metrics),
+        registrar=_registrar(config, config.router, host_ip) if config.router else None,
+    )
+
+
+def _registrar(config: EngineConfig, router: str, host_ip: str) -> Registrar:
+    payload = register_payload(
+        role=config.splitwise_role.value, host_ip=host_ip, port=config.port,
+        metrics_port=config.metrics_port or config.port,
+        connector_port=config.pd_comm_port[0] if config.pd_comm_port else 0,
+        engine_worker_queue_port=config.engine_worker_queue_port,
+        transfer_protocol=config.cache_transfer_protocol,
+        rdma_ports=config.rdma_comm_ports, device_ids=config.device_ids,
+    )
+    local = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else host_ip
+    health_url = f"http://{local}:{config.port}/health"
+    return Registrar(router, payload, config.register_interval, health_url,
+                     config.router_admin_key)
