@@ -17,6 +17,7 @@ from pydantic import Field
 
 import fdcore
 from fdcore.bases import BaseScheduler
+from fdcore.outbox import Outbox
 from fdcore.registry import Register
 from fdcore.tasks import cancel_and_wait, wait_event
 from fdcore.types import (
@@ -47,9 +48,8 @@ class LocalScheduler(BaseScheduler[LocalConfig]):
         super().__init__(config, context)
         self._queue: OrderedDict[str, tuple[EngineRequest, float]] = OrderedDict()
         self._in_flight: set[str] = set()
-        self._results: dict[str, list[RequestOutput]] = {}
+        self._outbox = Outbox()
         self._queued = asyncio.Event()
-        self._has_results = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -96,25 +96,19 @@ class LocalScheduler(BaseScheduler[LocalConfig]):
         for output in results:
             if output.request_id not in self._in_flight:
                 continue  # aborted or expired meanwhile
-            self._results.setdefault(output.request_id, []).append(output)
+            self._outbox.add(output)
             if output.finished:
                 self._in_flight.discard(output.request_id)
-        if self._results:
-            self._has_results.set()
 
     async def get_results(self, timeout: float = 0.0) -> dict[str, list[RequestOutput]]:
         """Everything produced since the last call, waiting up to ``timeout`` for something."""
-        if not self._results and timeout > 0:
-            self._has_results.clear()
-            await wait_event(self._has_results, timeout)
-        results, self._results = self._results, {}
-        return results
+        return await self._outbox.drain(timeout)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         """Forget these requests: dequeue them and drop their pending and future outputs."""
         for rid in request_ids:
             self._queue.pop(rid, None)
-            self._results.pop(rid, None)
+            self._outbox.drop(rid)
             self._in_flight.discard(rid)
 
     async def get_unhandled_request_num(self) -> int:

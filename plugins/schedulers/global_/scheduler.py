@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from fdcore.bases import BaseScheduler
 from fdcore.errors import StartupError
+from fdcore.outbox import Outbox
 from fdcore.redis import RedisLink
 from fdcore.tasks import wait_event
 from fdcore.types import (
@@ -70,8 +71,7 @@ class GlobalScheduler(BaseScheduler[GlobalConfig]):
         )
         # Requests taken from other instances, by the id this engine runs them under.
         self._stolen: dict[str, Queued] = {}
-        self._results: dict[str, list[RequestOutput]] = {}
-        self._has_results = asyncio.Event()
+        self._outbox = Outbox()
         self._work = asyncio.Event()  # own work queued, or stealable work announced
         self._may_steal = True
         self._busy = True
@@ -183,17 +183,13 @@ class GlobalScheduler(BaseScheduler[GlobalConfig]):
 
     async def get_results(self, timeout: float = 0.0) -> dict[str, list[RequestOutput]]:
         """Everything for this instance's clients since the last call."""
-        if not self._results and timeout > 0:
-            self._has_results.clear()
-            await wait_event(self._has_results, timeout)
-        results, self._results = self._results, {}
-        return results
+        return await self._outbox.drain(timeout)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         """Forget these requests; whatever still arrives for them is dropped on arrival."""
         for rid in request_ids:
             self.ledger.forget(rid)
-            self._results.pop(rid, None)
+            self._outbox.drop(rid)
 
     async def get_unhandled_request_num(self) -> int:
         """Own requests still queued in Redis (as far as this instance knows)."""
@@ -257,8 +253,7 @@ class GlobalScheduler(BaseScheduler[GlobalConfig]):
 
     def _keep(self, output: RequestOutput | None) -> None:
         if output is not None:
-            self._results.setdefault(output.request_id, []).append(output)
-            self._has_results.set()
+            self._outbox.add(output)
 
     def _fail(self, own: Own, message: str) -> None:
         self.ledger.forget(own.request_id)

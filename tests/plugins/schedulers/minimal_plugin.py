@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import fdcore
 from fdcore.bases import BaseScheduler
+from fdcore.outbox import Outbox
 from fdcore.registry import Register
 from fdcore.tasks import wait_event
 from fdcore.types import (
@@ -33,9 +34,8 @@ class Minimal(BaseScheduler[EmptyConfig]):
     def __init__(self, config: EmptyConfig, context: SchedulerContext) -> None:
         super().__init__(config, context)
         self.queue: list[EngineRequest] = []
-        self.results: dict[str, list[RequestOutput]] = {}
+        self.outbox = Outbox()
         self.queued = asyncio.Event()
-        self.produced = asyncio.Event()
 
     async def put_requests(self, requests: Sequence[EngineRequest]) -> list[Rejection]:
         """Queue all but those whose id asks to be refused."""
@@ -62,22 +62,17 @@ class Minimal(BaseScheduler[EmptyConfig]):
     async def put_results(self, results: Sequence[RequestOutput]) -> None:
         """Keep outputs until the API side drains them."""
         for output in results:
-            self.results.setdefault(output.request_id, []).append(output)
-        self.produced.set()
+            self.outbox.add(output)
 
     async def get_results(self, timeout: float = 0.0) -> dict[str, list[RequestOutput]]:
         """Everything since the last call."""
-        if not self.results and timeout > 0:
-            self.produced.clear()
-            await wait_event(self.produced, timeout)
-        results, self.results = self.results, {}
-        return results
+        return await self.outbox.drain(timeout)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         """Dequeue and drop these."""
         self.queue = [r for r in self.queue if r.request_id not in request_ids]
         for rid in request_ids:
-            self.results.pop(rid, None)
+            self.outbox.drop(rid)
 
     async def get_unhandled_request_num(self) -> int:
         """Requests still queued."""
