@@ -142,6 +142,33 @@ class PolicyContext:
         return once_per_app(self.prometheus, factory)
 
 
+@runtime_checkable
+class Component(Protocol):
+    """What every plugin component has, whatever its family.
+
+    ``name`` is what configuration selects it by (unique in its family) and ``Config`` its
+    strict options model (class attributes: ``name = "mine"``, ``Config = MineConfig``). The
+    host calls :meth:`start` once before first use and :meth:`stop` once at shut-down.
+    """
+
+    name: ClassVar[str]
+
+    @property
+    def Config(self) -> type[StrictModel]:
+        """The component's strict options model."""
+        ...
+
+    async def start(self) -> None:
+        """Open clients, connect, start background work (a policy's scrapers, a scheduler's
+        Redis link). A :class:`fdcore.errors.StartupError` raised here ends start-up with its
+        one-line message."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop background work and close what :meth:`start` opened."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts an instance reported in its answer's OpenAI ``usage`` object."""
@@ -223,7 +250,7 @@ def parse_usage(answer: bytes) -> Usage | None:
 
 
 @runtime_checkable
-class SelectionPolicy(Protocol):
+class SelectionPolicy(Component, Protocol):
     """Chooses the instance for a request among healthy candidates.
 
     The router increments the chosen instance's :class:`Load` before the request is sent and
@@ -234,21 +261,6 @@ class SelectionPolicy(Protocol):
     ``status`` 0. An exception in ``select``, or a return value that is not one of the
     candidates, answers that request with a 500 naming the plugin; the router keeps serving.
     """
-
-    name: ClassVar[str]
-
-    @property
-    def Config(self) -> type[StrictModel]:
-        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
-        ...
-
-    async def start(self) -> None:
-        """Start background work (scrapers, eviction); called once before the first request."""
-        ...
-
-    async def stop(self) -> None:
-        """Stop background work; called once at shut-down."""
-        ...
 
     async def select(self, request: RouteRequest, candidates: Sequence[Instance]) -> Instance:
         """Return one of ``candidates`` (never empty, all healthy, sorted by url)."""
@@ -266,23 +278,8 @@ class SelectionPolicy(Protocol):
 
 
 @runtime_checkable
-class HealthCheck(Protocol):
+class HealthCheck(Component, Protocol):
     """Probes one instance; the health manager counts results across rounds."""
-
-    name: ClassVar[str]
-
-    @property
-    def Config(self) -> type[StrictModel]:
-        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
-        ...
-
-    async def start(self) -> None:
-        """Open clients; called once before the first check."""
-        ...
-
-    async def stop(self) -> None:
-        """Close clients; called once at shut-down."""
-        ...
 
     async def check(self, instance: Instance) -> tuple[bool, str]:
         """Return ``(healthy, detail)``.
@@ -413,29 +410,13 @@ class Rejection:
 
 
 @runtime_checkable
-class Scheduler(Protocol):
+class Scheduler(Component, Protocol):
     """Queues work between an engine's API server and its batcher (FastDeploy's contract).
 
     ``local`` keeps it in process; ``global`` and ``splitwise`` share it through Redis. All
     methods but :meth:`health` are coroutines so network-backed schedulers fit without changing
     the engine. :class:`fdcore.bases.BaseScheduler` gives no-op ``start``/``stop``/``health``.
     """
-
-    name: ClassVar[str]
-
-    @property
-    def Config(self) -> type[StrictModel]:
-        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
-        ...
-
-    async def start(self) -> None:
-        """Connect and start background work; a :class:`fdcore.errors.StartupError` raised
-        here ends the engine's start-up with its message."""
-        ...
-
-    async def stop(self) -> None:
-        """Stop background work and close connections."""
-        ...
 
     def health(self) -> str | None:
         """``None`` when the scheduler can take work, else the problem: the engine's
@@ -486,23 +467,8 @@ class TransferTarget:
 
 
 @runtime_checkable
-class Transport(Protocol):
+class Transport(Component, Protocol):
     """Copies KV-cache blocks between engines (``ipc`` on one host, ``tcp``/``rdma`` between)."""
-
-    name: ClassVar[str]
-
-    @property
-    def Config(self) -> type[StrictModel]:
-        """The component's strict options model (a class attribute: ``Config = MyConfig``)."""
-        ...
-
-    async def start(self) -> None:
-        """Open devices, register memory, start listeners."""
-        ...
-
-    async def stop(self) -> None:
-        """Release devices and memory registrations."""
-        ...
 
     async def send_blocks(
         self, target: TransferTarget, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
