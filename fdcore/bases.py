@@ -20,6 +20,7 @@ from fdcore.types import (
     RouteRequest,
     SchedulerContext,
     StrictModel,
+    TransportContext,
 )
 
 ConfigT = TypeVar("ConfigT", bound=StrictModel)
@@ -113,13 +114,21 @@ class BaseScheduler(Generic[ConfigT]):
 
 
 class BaseTransport(Generic[ConfigT]):
-    """Base of a :class:`~fdcore.types.Transport`; implement ``send_blocks``."""
+    """Base of a :class:`~fdcore.types.Transport`; implement ``expose`` and ``connect``.
+
+    By default it allocates nothing (the engine allocates its pool) and has nothing to open.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[StrictModel]] = EmptyConfig
 
-    def __init__(self, config: ConfigT) -> None:
+    def __init__(self, config: ConfigT, context: TransportContext) -> None:
         self.config = config
+        self.context = context
+
+    def allocate(self, layout: Any) -> Any | None:
+        """Leave the pool's allocation to the engine."""
+        return None
 
     async def start(self) -> None:
         """Nothing to open by default."""

@@ -20,6 +20,7 @@ from fdcore.types import (
     SchedulerContext,
     SelectionPolicy,
     Transport,
+    TransportContext,
 )
 
 FamilyName = Literal["policy", "scheduler", "transport", "health_check"]
@@ -72,7 +73,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("scheduler", "scheduler", "scheduler", "fdcore_register_schedulers", "add_scheduler",
            Scheduler, SchedulerContext, BaseScheduler, "`fdcore engine --scheduler-name`"),
     Family("transport", "KV transport", "transport", "fdcore_register_transports", "add_transport",
-           Transport, None, BaseTransport, "`fdcore engine --cache-transfer-protocol`"),
+           Transport, TransportContext, BaseTransport, "`fdcore engine --cache-transfer-protocol`"),
     Family("health_check", "health check", "health check", "fdcore_register_health_checks",
            "add_health_check", HealthCheck, HealthContext, BaseHealthCheck,
            "`manager.health-check`"),

@@ -8,7 +8,7 @@ the per-request path: these are plain (mostly async) method calls.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -458,22 +458,68 @@ class Scheduler(Component, Protocol):
 
 
 @dataclass(slots=True)
-class TransferTarget:
-    """Where blocks go: the decode instance's address and its transport-specific handle."""
+class TransportContext:
+    """What an engine hands a KV transport when it builds one.
 
-    host: str
-    port: int
-    handle: Mapping[str, Any] = field(default_factory=dict)
+    ``layout`` is the engine's KV pool layout (:class:`fdcore.kv.KVLayout`); ``pool`` the pool
+    tensor (``layout.shape``; set by the engine after :meth:`Transport.allocate` and before
+    :meth:`Transport.start`); ``device`` where it lives (``cpu``, ``cuda:0``); ``host`` the
+    address peers reach this engine on; ``on_torch_thread(fn)`` runs ``fn()`` on the engine's
+    torch thread and awaits its result (copies belong there: a second OpenMP team costs more
+    than it gains). New fields will have defaults.
+    """
+
+    layout: Any  # fdcore.kv.KVLayout (kept untyped here so this module imports nothing more)
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    instance_id: str = ""
+    pool: Any = None
+    on_torch_thread: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None
+
+
+@runtime_checkable
+class TransportLink(Protocol):
+    """A sender's connection to one receiver's exposed pool (from :meth:`Transport.connect`)."""
+
+    async def write(
+        self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
+        layers: Sequence[int] | None = None,
+    ) -> int:
+        """Copy the sender's ``src_block_ids[i]`` into the receiver's ``dst_block_ids[i]``, K
+        and V of every layer (or of ``layers``); return the bytes moved. Raise on failure. A
+        write that returns has landed; whether the receiver may use the blocks is told on the
+        control plane, never inferred."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the link holds (mappings, sockets, queue pairs)."""
+        ...
 
 
 @runtime_checkable
 class Transport(Component, Protocol):
-    """Copies KV-cache blocks between engines (``ipc`` on one host, ``tcp``/``rdma`` between)."""
+    """Moves KV-cache blocks from a prefill engine's pool into a decode engine's reserved
+    blocks (``ipc`` on one host, ``tcp`` or ``rdma`` between hosts). Both halves live in one
+    class: a receiver exposes its pool once (:meth:`expose`), a sender connects to a
+    handle and writes through the link. Built as ``cls(config, context: TransportContext)``.
+    """
 
-    async def send_blocks(
-        self, target: TransferTarget, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
-    ) -> None:
-        """Copy the listed blocks of every layer into the target's cache; raise on failure."""
+    def allocate(self, layout: Any) -> Any | None:
+        """The engine's KV pool tensor, allocated where this transport can reach it (shared
+        memory, registered memory), or ``None`` to leave allocation to the engine. Called
+        once, before :meth:`start`; at most one enabled transport may allocate."""
+        ...
+
+    async def expose(self) -> dict[str, Any]:
+        """The receiver half: a serialisable handle (msgpack-able: str, int, bytes, lists and
+        dicts of them) that lets a sender reach this engine's pool (a shared-memory name and
+        layout, CUDA IPC handles, an rkey and addresses, host:port)."""
+        ...
+
+    async def connect(self, handle: Mapping[str, Any]) -> TransportLink:
+        """The sender half: a link to the pool a receiver exposed as ``handle``; raise with
+        a clear message when the handle cannot be used from here (another host for ``ipc``,
+        a layout that differs)."""
         ...
 
 

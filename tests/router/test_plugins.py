@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from fdcore_plugins.policies.round_robin import RoundRobinPolicy
@@ -17,7 +17,7 @@ from fdcore.errors import StartupError
 from fdcore.plugins import load_plugins, parse_plugin_spec
 from fdcore.registry import Register
 from fdcore.testing.distributions import plugin_site, pythonpath
-from fdcore.types import EmptyConfig, Instance, StrictModel, TransferTarget
+from fdcore.types import EmptyConfig, Instance, StrictModel
 from tests.router.conftest import RouterFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,9 +173,28 @@ class NullTransport:
     async def stop(self) -> None:
         """Nothing to close."""
 
-    async def send_blocks(self, target: TransferTarget, src_block_ids: Sequence[int],
-                          dst_block_ids: Sequence[int]) -> None:
+    def allocate(self, layout: Any) -> None:
+        """Leave the pool to the engine."""
+
+    async def expose(self) -> dict[str, Any]:
+        """Nothing to reach."""
+        return {}
+
+    async def connect(self, handle: Mapping[str, Any]) -> NullLink:
+        """A link that copies nothing."""
+        return NullLink()
+
+
+class NullLink:
+    """Copies nothing."""
+
+    async def write(self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
+                    layers: Sequence[int] | None = None) -> int:
         """Copy nothing."""
+        return 0
+
+    async def close(self) -> None:
+        """Nothing to close."""
 
 
 class AlwaysHealthy:
