@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 
 from fdcore.config import resolve_env_refs
 from fdcore.errors import StartupError
@@ -47,6 +47,23 @@ def _parse_size(value: Any) -> Any:
 
 
 CsvStr = Annotated[list[str], BeforeValidator(_split_csv)]
+TRANSFER_PROTOCOLS = ("ipc", "tcp", "rdma")
+
+
+def _protocols(value: list[str]) -> list[str]:
+    names = [name.lower() for name in value]
+    unknown = [name for name in names if name not in TRANSFER_PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown KV transport {unknown[0]!r} (known: "
+                         f"{', '.join(TRANSFER_PROTOCOLS)})")
+    if len(set(names)) != len(names):
+        raise ValueError("a KV transport is listed twice")
+    if not names:
+        raise ValueError("at least one KV transport is needed")
+    return names
+
+
+Protocols = Annotated[list[str], BeforeValidator(_split_csv), AfterValidator(_protocols)]
 CsvInt = Annotated[list[int], BeforeValidator(_split_csv)]
 Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -84,7 +101,9 @@ class EngineConfig(StrictModel):
     served_model_name: str | None = Field(None, description="model name in the API")
     engine_worker_queue_port: int = Field(8002, ge=0, le=65535, description="registered only")
     pd_comm_port: CsvInt = Field(default_factory=list, description="PD control ports")
-    cache_transfer_protocol: CsvStr = Field(["ipc"], description="KV transports, e.g. ipc,rdma")
+    cache_transfer_protocol: Protocols = Field(
+        ["ipc"], description="KV transports this engine offers, any of ipc,tcp,rdma"
+    )
     rdma_comm_ports: CsvStr = Field(default_factory=list, description="RDMA ports per device")
     device_ids: CsvStr = Field(["0"], description="device ids (registered)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
@@ -169,7 +188,24 @@ def resolve(
         config = EngineConfig.model_validate(settings)
     except ValidationError as exc:
         raise StartupError(describe(exc, origin)) from None
+    check_disaggregation(config)
     return config, options, {k: origin[SCHEDULER_PREFIX + k] for k in options}
+
+
+def check_disaggregation(config: EngineConfig) -> None:
+    """The PD settings that must come together (FastDeploy's launch lines give them all)."""
+    problems = []
+    if config.splitwise_role is not Role.MIXED and not config.pd_comm_port:
+        problems.append(f"--splitwise-role {config.splitwise_role.value} needs --pd-comm-port "
+                        "(the port of the P-D connector)")
+    if "rdma" in config.cache_transfer_protocol and not config.rdma_comm_ports:
+        problems.append("--cache-transfer-protocol rdma needs --rdma-comm-ports (one port per "
+                        "device in --device-ids)")
+    if config.rdma_comm_ports and "rdma" not in config.cache_transfer_protocol:
+        problems.append("--rdma-comm-ports is set but --cache-transfer-protocol does not list "
+                        "rdma")
+    if problems:
+        raise StartupError("\n".join(problems))
 
 
 def describe(exc: ValidationError, origin: dict[str, str]) -> str:

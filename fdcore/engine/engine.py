@@ -16,9 +16,10 @@ from fdcore.engine.config import EngineConfig
 from fdcore.engine.engine_loop import EngineLoop
 from fdcore.engine.loader import LoadedModel
 from fdcore.engine.metrics import EngineMetrics
-from fdcore.engine.registration import Registrar, register_payload
+from fdcore.engine.registration import Registrar, kv_layout_payload, register_payload
 from fdcore.engine.runner import Tokenizer
 from fdcore.engine.serving import Serving
+from fdcore.kv import KVLayout
 from fdcore.tasks import cancel_and_wait
 from fdcore.types import Scheduler
 
@@ -128,11 +129,27 @@ def build_engine(
         cache_tokens=blocks.num_blocks * blocks.block_size,
         max_body_bytes=config.max_request_bytes, scheduler=scheduler, blocks=blocks,
         batcher=batcher, metrics=metrics, loop=loop, serving=Serving(scheduler, loop, metrics),
-        registrar=_registrar(config, config.router, host_ip) if config.router else None,
+        registrar=(_registrar(config, config.router, host_ip, kv_layout_of(model))
+                   if config.router else None),
     )
 
 
-def _registrar(config: EngineConfig, router: str, host_ip: str) -> Registrar:
+def kv_layout_of(model: LoadedModel) -> KVLayout | None:
+    """The layout of ``model``'s KV pool, read off its runner's cache tensors (``None`` for a
+    runner without a real cache)."""
+    caches = model.runner.kv_caches()
+    if not caches:
+        return None
+    keys, _ = caches[0]
+    num_blocks, kv_heads, block_size, head_dim = keys.shape
+    return KVLayout(num_layers=len(caches), num_blocks=num_blocks, kv_heads=kv_heads,
+                    block_size=block_size, head_dim=head_dim,
+                    dtype=str(keys.dtype).removeprefix("torch."), model=model.name)
+
+
+def _registrar(
+    config: EngineConfig, router: str, host_ip: str, layout: KVLayout | None
+) -> Registrar:
     payload = register_payload(
         role=config.splitwise_role.value, host_ip=host_ip, port=config.port,
         metrics_port=config.metrics_port or config.port,
@@ -140,6 +157,7 @@ def _registrar(config: EngineConfig, router: str, host_ip: str) -> Registrar:
         engine_worker_queue_port=config.engine_worker_queue_port,
         transfer_protocol=config.cache_transfer_protocol,
         rdma_ports=config.rdma_comm_ports, device_ids=config.device_ids,
+        kv_layout=None if layout is None else kv_layout_payload(layout),
     )
     local = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else host_ip
     health_url = f"http://{local}:{config.port}/health"

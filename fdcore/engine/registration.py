@@ -16,6 +16,7 @@ import aiohttp
 import structlog
 
 import fdcore
+from fdcore.kv import KVLayout
 from fdcore.tasks import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -49,9 +50,13 @@ def register_payload(
     transfer_protocol: list[str],
     rdma_ports: list[str],
     device_ids: list[str],
+    kv_layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """FastDeploy's register body (``init_cache_info`` plus the newer fields)."""
-    return {
+    """FastDeploy's register body (``init_cache_info`` plus the newer fields), and fdcore's
+    ``kv_layout`` (:func:`kv_layout_payload`) so a router can refuse a P-D pair whose caches
+    cannot exchange blocks."""
+    extra = {} if kv_layout is None else {"kv_layout": kv_layout}
+    return {**extra,
         "role": role,
         "host_ip": host_ip,
         "port": port,
@@ -63,6 +68,17 @@ def register_payload(
         "metrics_port": metrics_port,
         "tp_size": max(1, len(device_ids)),
         "version": fdcore.__version__,
+    }
+
+
+def kv_layout_payload(layout: KVLayout) -> dict[str, Any]:
+    """What the register body says of this engine's KV pool: the fields that must match
+    between P and D, their fingerprint, and the pool's size."""
+    return {
+        "model": layout.model, "dtype": layout.dtype, "num_layers": layout.num_layers,
+        "kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
+        "block_size": layout.block_size, "num_blocks": layout.num_blocks,
+        "fingerprint": layout.fingerprint(),
     }
 
 
