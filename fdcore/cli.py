@@ -11,8 +11,13 @@ from typing import Any
 from fdcore import __version__
 from fdcore.errors import StartupError
 
-# The top-level modules of the `engine` extra (pyproject.toml): `pip install fdcore` has none.
-ENGINE_MODULES = ("numpy", "torch", "safetensors", "gguf", "tokenizers", "jinja2")
+# The `engine` extra (pyproject.toml), distribution -> top-level module: `pip install fdcore`
+# has none of them.
+ENGINE_DISTRIBUTIONS = {
+    "numpy": "numpy", "torch": "torch", "safetensors": "safetensors", "gguf": "gguf",
+    "tokenizers": "tokenizers", "jinja2": "jinja2", "pyzmq": "zmq", "msgpack": "msgpack",
+}
+ENGINE_MODULES = tuple(ENGINE_DISTRIBUTIONS.values())
 
 
 def _serve_parser(sub: Any) -> None:

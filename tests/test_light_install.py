@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fdcore.cli import ENGINE_MODULES
+from fdcore.cli import ENGINE_DISTRIBUTIONS, ENGINE_MODULES
 from fdcore.testing.cluster import RouterFactory
 from fdcore.testing.processes import free_port
 
@@ -95,8 +95,8 @@ def _run(light_env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[s
 def test_blocked_modules_are_the_engine_extra() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    assert _requirement_names(extras["engine"]) == set(ENGINE_MODULES)
-    assert not _requirement_names(project["dependencies"]) & set(ENGINE_MODULES)
+    assert _requirement_names(extras["engine"]) == set(ENGINE_DISTRIBUTIONS)
+    assert not _requirement_names(project["dependencies"]) & set(ENGINE_DISTRIBUTIONS)
     assert "fdcore[engine]" in extras["test"]  # `pip install -e '.[test]'` gets the engine
 
 
