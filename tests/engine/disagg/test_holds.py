@@ -156,3 +156,29 @@ def test_any_sequence_of_operations_returns_every_block(ops: list) -> None:  # t
     holds.release_all()
     assert sorted(released) == sorted(taken)  # each taken hold released exactly once
     assert blocks.num_used == 0 and blocks.num_available == 32
+
+
+def test_the_metrics_read_the_holds_at_scrape_time() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from fdcore.engine.disagg.metrics import DisaggMetrics
+
+    registry = CollectorRegistry()
+    blocks = BlockManager(8, 4)
+    holds = Holds(blocks)
+    metrics = DisaggMetrics(registry, holds)
+    holds.take("t", "r", Side.DECODE, HoldState.RESERVED, reserve(blocks, [1] * 9), 10)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("fdcore_kv_held_blocks", side="decode", state="reserved") == 3
+    assert value("fdcore_kv_held_blocks", side="prefill", state="sending") == 0
+    holds.quarantine("t", 5)
+    assert value("fdcore_kv_held_blocks", side="decode", state="quarantined") == 3
+    holds.release("t", ReleaseReason.ABORTED)
+    assert value("fdcore_kv_held_blocks", side="decode", state="quarantined") == 0
+    assert value("fdcore_kv_hold_releases_total", side="decode", reason="aborted") == 1
+    metrics.transferred("tcp", "sent", 4096, 0.002)
+    assert value("fdcore_kv_transfer_bytes_total", protocol="tcp", direction="sent") == 4096
+    assert value("fdcore_kv_transfer_seconds_count", protocol="tcp") == 1
