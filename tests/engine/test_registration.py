@@ -18,6 +18,7 @@ import pytest
 
 from fdcore.engine import registration
 from fdcore.engine.registration import Registrar
+from fdcore.kv import KVLayout
 from fdcore.testing import ServerProcess, free_port
 from fdcore.testing.cluster import RouterFactory
 from fdcore.testing.cluster import wait_until as wait_until_async
@@ -83,7 +84,17 @@ def test_registers_heartbeats_and_survives_a_router_restart(
             "transfer_protocol": ["ipc", "rdma"], "rdma_ports": ["7100", "7101"],
             "device_ids": ["0", "1"], "metrics_port": metrics_port, "tp_size": 2,
             "version": payload["version"],
+            # issue 10: the KV pool's layout, so a router can refuse an incompatible pair
+            "kv_layout": {"model": "sim", "dtype": "int64", "num_layers": 2, "kv_heads": 1,
+                          "head_dim": 2, "block_size": payload["kv_layout"]["block_size"],
+                          "num_blocks": payload["kv_layout"]["num_blocks"],
+                          "fingerprint": payload["kv_layout"]["fingerprint"]},
         }
+        layout = payload["kv_layout"]
+        assert layout["fingerprint"] == KVLayout(
+            num_layers=2, num_blocks=layout["num_blocks"], kv_heads=1,
+            block_size=layout["block_size"], head_dim=2, dtype="int64", model="sim",
+        ).fingerprint()
         assert router.payloads.get(timeout=30) == payload  # the heartbeat re-POST
     finally:
         router.close()

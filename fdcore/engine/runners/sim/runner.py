@@ -1,9 +1,10 @@
 """The ``sim`` model runner: a cost model that sleeps instead of computing.
 
-Its "KV cache" holds one rolling hash per position, so the token it emits depends on every
-token before it exactly as far as the cache (and the block tables pointing into it) is right:
-the same prompt always gives the same text, and a block-table or prefix-cache mistake changes
-the output just as it would with a real model.
+Its state lives in a real KV pool (:mod:`.pool`) laid out like the torch runner's: each step
+writes its fed tokens' slots through the block tables and derives the next token from what it
+reads back for the whole sequence, so the same prompt always gives the same text, and a
+block-table, prefix-cache or transfer mistake (a wrong, missing or altered block) changes the
+output just as it would with a real model.
 """
 
 from __future__ import annotations
@@ -17,23 +18,26 @@ import yaml
 from pydantic import Field, ValidationError
 
 from fdcore.engine.runner import SeqInput
+from fdcore.engine.runners.sim.pool import BYTES_PER_HEAD_DIM, MASK, Allocate, SimPool
 from fdcore.engine.runners.sim.tokenizer import EOS_ID, VOCAB_SIZE
 from fdcore.errors import StartupError
 from fdcore.types import StrictModel
 
-_MASK = (1 << 61) - 1
 # Emitted text is lowercase words, so sim output reads as text and decodes cleanly.
 _ALPHABET = [ord(c) for c in "etaoinshrdlucmfwypvbgkjqxz    "]
 _TARGET_LOGIT = 6.0
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as int64
 
 
 class SimProfile(StrictModel):
-    """Seconds the forward pass of a step sleeps: ``step + prefill tokens + decode sequences``."""
+    """Seconds the forward pass of a step sleeps: ``step + prefill tokens + decode sequences``;
+    and the bytes each token takes in the KV pool (a multiple of 32: 2 layers, K and V, int64)."""
 
     prefill_seconds_per_token: float = Field(0.00005, ge=0)
     decode_seconds_per_step: float = Field(0.008, ge=0)
     decode_seconds_per_seq: float = Field(0.0002, ge=0)
     eos_probability: float = Field(0.0, ge=0, le=1)
+    kv_bytes_per_token: int = Field(64, ge=BYTES_PER_HEAD_DIM, multiple_of=BYTES_PER_HEAD_DIM)
 
     @classmethod
     def load(cls, path: str | None) -> SimProfile:
@@ -55,53 +59,57 @@ class SimProfile(StrictModel):
 
 
 class SimRunner:
-    """Implements :class:`fdcore.engine.runner.ModelRunner` with no real KV tensors."""
+    """Implements :class:`fdcore.engine.runner.ModelRunner` over a :class:`SimPool`.
+
+    ``allocate`` makes the pool tensor (zeroed, shape and dtype given); the default is
+    ``torch.zeros``.
+    """
 
     vocab_size = VOCAB_SIZE
 
     def __init__(
-        self, profile: SimProfile, block_size: int, num_blocks: int, max_model_len: int
+        self,
+        profile: SimProfile,
+        block_size: int,
+        num_blocks: int,
+        max_model_len: int,
+        *,
+        allocate: Allocate | None = None,
     ) -> None:
         self.profile = profile
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_model_len = max_model_len
-        self._state = [[0] * block_size for _ in range(num_blocks)]
+        self.pool = SimPool(num_blocks=num_blocks, block_size=block_size,
+                            bytes_per_token=profile.kv_bytes_per_token,
+                            max_model_len=max_model_len, allocate=allocate)
         self._eos_cut = int(profile.eos_probability * 1_000_000)
+        self._alphabet = torch.tensor(_ALPHABET)
         self._base = torch.full((VOCAB_SIZE,), float("-inf"))
         self._base[_ALPHABET] = 0.0
         self._base[EOS_ID] = 0.0 if self._eos_cut else float("-inf")
 
     def forward(self, seqs: Sequence[SeqInput]) -> torch.Tensor:
-        """Record the fed tokens' hashes, sleep the modelled time, return peaked logits."""
+        """Write the fed tokens into the pool, sleep the modelled time, return peaked logits."""
         started = time.perf_counter()
         logits = self._base.repeat(len(seqs), 1)
-        for row, seq in enumerate(seqs):
-            logits[row, self._next_token(self._feed(seq))] = _TARGET_LOGIT
+        if seqs:
+            logits[torch.arange(len(seqs)), self._next_tokens(self.pool.step(seqs))] = (
+                _TARGET_LOGIT
+            )
         remaining = self._cost(seqs) - (time.perf_counter() - started)
         if remaining > 0:
             time.sleep(remaining)
         return logits
 
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """No real cache tensors."""
-        return []
+        """Per-layer ``(K, V)`` views, each ``[num_blocks, kv_heads, block_size, head_dim]``."""
+        return list(self.pool.caches)
 
-    def _feed(self, seq: SeqInput) -> int:
-        size = self.block_size
-        pos = seq.start_pos
-        h = 0 if pos == 0 else self._state[seq.block_table[(pos - 1) // size]][(pos - 1) % size]
-        for token in seq.token_ids:
-            h = (h * 1_000_003 + token + 1) & _MASK
-            self._state[seq.block_table[pos // size]][pos % size] = h
-            pos += 1
-        return h
-
-    def _next_token(self, h: int) -> int:
-        mixed = ((h ^ (h >> 29)) * 0x9E3779B97F4A7C15) & _MASK
-        if mixed % 1_000_000 < self._eos_cut:
-            return EOS_ID
-        return _ALPHABET[(mixed >> 20) % len(_ALPHABET)]
+    def _next_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        mixed = ((h ^ (h >> 29)) * _GOLDEN) & MASK
+        tokens = self._alphabet[(mixed >> 20) % len(_ALPHABET)]
+        return torch.where(mixed % 1_000_000 < self._eos_cut, EOS_ID, tokens)
 
     def _cost(self, seqs: Sequence[SeqInput]) -> float:
         p = self.profile
