@@ -466,7 +466,10 @@ class TransportContext:
     :meth:`Transport.start`); ``device`` where it lives (``cpu``, ``cuda:0``); ``host`` the
     address peers reach this engine on; ``on_torch_thread(fn)`` runs ``fn()`` on the engine's
     torch thread and awaits its result (copies belong there: a second OpenMP team costs more
-    than it gains). New fields will have defaults.
+    than it gains). ``accept_write(transfer_id, dst_block_ids)`` tells a receiver whose own
+    code lands the bytes (``tcp``) whether those blocks are reserved for that transfer right
+    now; data for anything else is discarded, never written (a late write after an abort or an
+    expiry). New fields will have defaults.
     """
 
     layout: Any  # fdcore.kv.KVLayout (kept untyped here so this module imports nothing more)
@@ -475,6 +478,8 @@ class TransportContext:
     instance_id: str = ""
     pool: Any = None
     on_torch_thread: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None
+    accept_write: Callable[[str, Sequence[int]], bool] | None = None
+    ports: tuple[int, ...] = ()  # the ports the engine was given for it (--rdma-comm-ports)
 
 
 @runtime_checkable
@@ -483,12 +488,13 @@ class TransportLink(Protocol):
 
     async def write(
         self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-        layers: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None, *, transfer_id: str = "",
     ) -> int:
         """Copy the sender's ``src_block_ids[i]`` into the receiver's ``dst_block_ids[i]``, K
         and V of every layer (or of ``layers``); return the bytes moved. Raise on failure. A
         write that returns has landed; whether the receiver may use the blocks is told on the
-        control plane, never inferred."""
+        control plane, never inferred. ``transfer_id`` names the reservation the blocks
+        belong to, for receivers that check it (``TransportContext.accept_write``)."""
         ...
 
     async def close(self) -> None:

@@ -39,9 +39,11 @@ class Batcher:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         on_admit: Callable[[Seq], None] | None = None,
+        on_remove: Callable[[Seq], None] | None = None,
     ) -> None:
         self.blocks = blocks
         self.on_admit = on_admit
+        self.on_remove = on_remove
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.running: list[Seq] = []
@@ -76,11 +78,23 @@ class Batcher:
 
     def remove(self, seq: Seq) -> None:
         """Take ``seq`` out (finished or aborted) and free its blocks."""
+        self.detach(seq)
+        self.blocks.free(seq.table)
+        if self.on_remove is not None:
+            self.on_remove(seq)
+
+    def detach(self, seq: Seq) -> None:
+        """Take ``seq`` out, leaving its blocks to the caller (a P-D hand-off pins them)."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.table)
+
+    def adopt(self, seq: Seq) -> None:
+        """Run ``seq`` whose table already covers its computed tokens (KV from a P-D
+        hand-off); it may take the batch past ``max_num_seqs`` for a while, never the cache
+        past its blocks (they are already its own)."""
+        self.running.append(seq)
 
     def schedule(self) -> list[Work]:
         """Plan one step within the token budget: decodes first, then prefill chunks."""

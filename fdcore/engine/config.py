@@ -105,6 +105,13 @@ class EngineConfig(StrictModel):
         ["ipc"], description="KV transports this engine offers, any of ipc,tcp,rdma"
     )
     rdma_comm_ports: CsvStr = Field(default_factory=list, description="RDMA ports per device")
+    pd_hold_secs: float = Field(
+        10.0, gt=0, description="seconds a P-D reservation lives past the peer's last "
+        "heartbeat (and each transfer step's deadline)"
+    )
+    pd_first_contact_secs: float = Field(
+        30.0, gt=0, description="seconds D waits for P's prefill frame (and P for D's answer)"
+    )
     device_ids: CsvStr = Field(["0"], description="device ids (registered)")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="log level"
@@ -201,6 +208,9 @@ def check_disaggregation(config: EngineConfig) -> None:
     if "rdma" in config.cache_transfer_protocol and not config.rdma_comm_ports:
         problems.append("--cache-transfer-protocol rdma needs --rdma-comm-ports (one port per "
                         "device in --device-ids)")
+    bad = [p for p in config.rdma_comm_ports if not (p.isdigit() and 0 < int(p) < 65536)]
+    if bad:
+        problems.append(f"--rdma-comm-ports: {bad[0]!r} is not a port number")
     if config.rdma_comm_ports and "rdma" not in config.cache_transfer_protocol:
         problems.append("--rdma-comm-ports is set but --cache-transfer-protocol does not list "
                         "rdma")

@@ -4,6 +4,7 @@ order, with the names and limits the HTTP routes read (``app.state.engine``)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -13,15 +14,19 @@ from fdcore.drain import Drain
 from fdcore.engine.batcher import Batcher
 from fdcore.engine.block_manager import BlockManager
 from fdcore.engine.config import EngineConfig
+from fdcore.engine.disagg.pd import PD
+from fdcore.engine.disagg.side import EngineParts, PDSettings
 from fdcore.engine.engine_loop import EngineLoop
 from fdcore.engine.loader import LoadedModel
 from fdcore.engine.metrics import EngineMetrics
 from fdcore.engine.registration import Registrar, kv_layout_payload, register_payload
 from fdcore.engine.runner import Tokenizer
+from fdcore.engine.sequence import Seq
 from fdcore.engine.serving import Serving
+from fdcore.errors import StartupError
 from fdcore.kv import KVLayout
 from fdcore.tasks import cancel_and_wait
-from fdcore.types import Scheduler
+from fdcore.types import RequestOutput, Role, Scheduler, Transport
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +65,7 @@ class Engine:
     loop: EngineLoop
     serving: Serving
     registrar: Registrar | None = None
+    pd: PD | None = None  # the P-D hand-off, on a prefill or decode engine
     drain: Drain = field(default_factory=Drain)  # begun by the server on SIGTERM
     _started: list[Part] = field(default_factory=list, init=False, repr=False)
     _expiry: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
@@ -67,7 +73,8 @@ class Engine:
     @property
     def parts(self) -> list[Part]:
         """What :meth:`start` starts, in order."""
-        parts: list[Part] = [self.scheduler, self.loop, self.serving]
+        parts: list[Part] = [self.scheduler, *([self.pd] if self.pd else []), self.loop,
+                             self.serving]
         if self.registrar is not None:
             parts.append(self.registrar)
         return parts
@@ -101,15 +108,26 @@ class Engine:
 
 
 def build_engine(
-    config: EngineConfig, model: LoadedModel, scheduler: Scheduler, host_ip: str
+    config: EngineConfig, model: LoadedModel, scheduler: Scheduler, host_ip: str,
+    transports: dict[str, Transport] | None = None,
 ) -> Engine:
     """The engine for ``model`` behind ``scheduler``, reached at ``host_ip:config.port``; it
-    registers with ``config.router`` when one is set."""
+    registers with ``config.router`` when one is set. A prefill or decode engine hands KV off
+    through ``transports`` (built by :func:`~fdcore.engine.disagg.transports.build_transports`
+    before the model, whose pool they allocated)."""
     metrics = EngineMetrics()
     blocks = BlockManager(model.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+    layout = kv_layout_of(model)
+    pd = _pd(config, host_ip, layout, transports or {}, blocks, metrics)
+
+    def on_admit(seq: Seq) -> None:
+        metrics.on_admit(seq.prompt_len, seq.num_cached_tokens)
+        if pd is not None:
+            pd.on_admitted(seq)
+
     batcher = Batcher(
-        blocks, config.max_num_seqs, config.max_num_batched_tokens,
-        on_admit=lambda seq: metrics.on_admit(seq.prompt_len, seq.num_cached_tokens),
+        blocks, config.max_num_seqs, config.max_num_batched_tokens, on_admit=on_admit,
+        on_remove=pd.on_removed if pd is not None else None,
     )
     metrics.bind(
         running=lambda: len(batcher.running), available_blocks=lambda: blocks.num_available,
@@ -119,8 +137,16 @@ def build_engine(
     loop = EngineLoop(
         runner=model.runner, tokenizer=model.tokenizer, scheduler=scheduler, batcher=batcher,
         metrics=metrics, eos_token_ids=model.eos_token_ids, max_model_len=model.max_model_len,
-        reserved_output_blocks=config.enc_dec_block_num,
+        reserved_output_blocks=config.enc_dec_block_num, pd=pd,
     )
+    serving = Serving(scheduler, loop, metrics, take_over=pd.takes if pd is not None else None)
+    loop.deliver = serving.deliver
+    if pd is not None:
+        pd.bind(EngineParts(
+            batcher=batcher, blocks=blocks, tokenizer=model.tokenizer,
+            finish=loop.finish_reason, emit=_emitter(config.splitwise_role, scheduler, serving),
+            abort=loop.request_abort,
+            on_admit=lambda seq: metrics.on_admit(seq.prompt_len, seq.num_cached_tokens)))
     name = config.served_model_name or model.name
     return Engine(
         model_name=name, served_names=frozenset({name, config.model, model.name}),
@@ -128,10 +154,40 @@ def build_engine(
         vocab_size=model.runner.vocab_size, max_model_len=model.max_model_len,
         cache_tokens=blocks.num_blocks * blocks.block_size,
         max_body_bytes=config.max_request_bytes, scheduler=scheduler, blocks=blocks,
-        batcher=batcher, metrics=metrics, loop=loop, serving=Serving(scheduler, loop, metrics),
-        registrar=(_registrar(config, config.router, host_ip, kv_layout_of(model))
+        batcher=batcher, metrics=metrics, loop=loop, serving=serving,
+        registrar=(_registrar(config, config.router, host_ip, layout)
                    if config.router else None),
+        pd=pd,
     )
+
+
+def _emitter(
+    role: Role, scheduler: Scheduler, serving: Serving
+) -> Callable[[list[RequestOutput]], Awaitable[None]]:
+    """Where the hand-off's own outputs go: P's requests came through the scheduler, D's went
+    straight to the hand-off."""
+    if role is Role.PREFILL:
+        return scheduler.put_results
+
+    async def deliver(outputs: list[RequestOutput]) -> None:
+        serving.deliver(outputs)
+
+    return deliver
+
+
+def _pd(
+    config: EngineConfig, host_ip: str, layout: KVLayout | None,
+    transports: dict[str, Transport], blocks: BlockManager, metrics: EngineMetrics,
+) -> PD | None:
+    if config.splitwise_role is Role.MIXED:
+        return None
+    if layout is None:
+        raise StartupError("--splitwise-role needs a runner with a real KV cache")
+    port = config.pd_comm_port[0]
+    return PD(role=config.splitwise_role,
+              settings=PDSettings(config.pd_hold_secs, config.pd_first_contact_secs),
+              host=config.host, port=port, advertise=f"{host_ip}:{port}", layout=layout,
+              transports=transports, blocks=blocks, registry=metrics.registry)
 
 
 def kv_layout_of(model: LoadedModel) -> KVLayout | None:

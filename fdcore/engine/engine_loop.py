@@ -8,7 +8,8 @@ forward pass may still be writing a sequence's blocks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -21,10 +22,15 @@ from fdcore.engine.sequence import Seq
 from fdcore.engine.torch_thread import torch_executor
 from fdcore.types import Capacity, EngineRequest, RequestOutput, Scheduler
 
+if TYPE_CHECKING:
+    from fdcore.engine.disagg.pd import PD
+
 log = structlog.get_logger(__name__)
 
 # How long an idle engine waits in ``get_requests`` before looking around again.
 IDLE_WAIT_SECONDS = 0.5
+# How long it waits instead while a P-D hand-off is in flight (its KV may land any moment).
+HANDOFF_WAIT_SECONDS = 0.005
 
 
 class EngineLoop:
@@ -41,6 +47,7 @@ class EngineLoop:
         eos_token_ids: Sequence[int],
         max_model_len: int,
         reserved_output_blocks: int,
+        pd: PD | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -51,6 +58,10 @@ class EngineLoop:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.reserved_output_blocks = reserved_output_blocks
+        self.pd = pd
+        # Where outputs of sequences that bypass the scheduler go (set by the engine to its
+        # API's Serving.deliver).
+        self.deliver: Callable[[list[RequestOutput]], None] = lambda outputs: None
         self._aborts: list[tuple[set[str], asyncio.Future[None]]] = []
         self._executor = torch_executor()
         self._task: asyncio.Task[None] | None = None
@@ -67,7 +78,8 @@ class EngineLoop:
 
     async def abort(self, request_ids: Iterable[str]) -> None:
         """Drop these sequences and free their blocks; returns once that is done."""
-        ids = {rid for rid in request_ids if self.batcher.find(rid) is not None}
+        ids = {rid for rid in request_ids
+               if self.batcher.find(rid) is not None or (self.pd and self.pd.knows(rid))}
         if not ids:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -82,8 +94,14 @@ class EngineLoop:
                 log.exception("engine.loop_error")
                 await asyncio.sleep(IDLE_WAIT_SECONDS)
 
+    def request_abort(self, request_id: str) -> None:
+        """Take ``request_id`` out of the batch at the next step (nobody waits for it)."""
+        loop = asyncio.get_running_loop()
+        self._aborts.append(({request_id}, loop.create_future()))
+
     async def _step(self) -> None:
         self._apply_aborts()
+        await self._adopt()
         self.batcher.admit_waiting()
         if not self.batcher.waiting and self.batcher.room > 0:
             capacity = Capacity(
@@ -93,8 +111,9 @@ class EngineLoop:
                 max_num_batched_tokens=self.batcher.max_num_batched_tokens,
                 batch=self.batcher.room,
             )
+            idle = HANDOFF_WAIT_SECONDS if self.pd and self.pd.busy() else IDLE_WAIT_SECONDS
             requests = await self.scheduler.get_requests(
-                capacity, timeout=0.0 if self.batcher.has_work() else IDLE_WAIT_SECONDS
+                capacity, timeout=0.0 if self.batcher.has_work() else idle
             )
             rejected = [self._reject(r) for r in requests if not self._fits(r)]
             for request in requests:
@@ -111,6 +130,8 @@ class EngineLoop:
             # Never a tight loop that starves the API: there is always an await per step.
             await asyncio.sleep(0)
             return
+        if self.pd is not None:
+            self.pd.on_step([w.seq for w in work])
         try:
             sampled = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._execute, work
@@ -119,7 +140,7 @@ class EngineLoop:
         except Exception as exc:  # a failing step fails its requests, not the engine
             log.exception("engine.step_failed", batch=len(work))
             outputs = [self._fail(w.seq, f"engine step failed: {exc}") for w in work]
-        await self.scheduler.put_results(outputs)
+        await self._publish(outputs, {w.seq.request_id for w in work if w.seq.direct})
 
     def _execute(self, work: list[Work]) -> list[int]:
         inputs = [
@@ -151,14 +172,17 @@ class EngineLoop:
                 continue
             token = next(tokens)
             seq.tokens.append(token)
-            reason = self._finish_reason(seq, token)
+            reason = self.finish_reason(seq, token)
+            if self.pd is not None and self.pd.hands_off(seq, token, reason):
+                continue  # P's answer comes once D has the KV
             outputs.append(seq.output([token], reason))
             if reason is not None:
                 self.batcher.remove(seq)
         self.metrics.generation_tokens.inc(len(sampled))
         return outputs
 
-    def _finish_reason(self, seq: Seq, token: int) -> str | None:
+    def finish_reason(self, seq: Seq, token: int) -> str | None:
+        """Why ``seq`` ends with ``token`` (``None``: it goes on); pushes its text."""
         params = seq.request.sampling
         if token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids
@@ -205,12 +229,36 @@ class EngineLoop:
             error_code=400,
         )
 
+    async def _publish(self, outputs: list[RequestOutput], direct: set[str]) -> None:
+        """Outputs to their clients: through the scheduler, or straight to the API for
+        sequences that never went through it (P-D hand-offs taken over on D)."""
+        if direct:
+            self.deliver([o for o in outputs if o.request_id in direct])
+            outputs = [o for o in outputs if o.request_id not in direct]
+        await self.scheduler.put_results(outputs)
+
+    async def _adopt(self) -> None:
+        """Sequences whose KV arrived from P: emit P's token first, then decode them."""
+        if self.pd is None:
+            return
+        adopted = self.pd.take_adopted()
+        if not adopted:
+            return
+        self.deliver([output for _, output in adopted])
+        for seq, output in adopted:
+            if output.finished:
+                self.blocks.free(seq.table)
+            else:
+                self.batcher.adopt(seq)
+
     def _apply_aborts(self) -> None:
         for ids, done in self._aborts:
             for rid in ids:
                 seq = self.batcher.find(rid)
                 if seq is not None:
                     self.batcher.remove(seq)
+                if self.pd is not None:
+                    self.pd.abort(rid)
             if not done.done():
                 done.set_result(None)
         self._aborts.clear()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from fdcore.engine.disagg.info import DISAGG_KEY, DisaggInfoError, parse_disagg_info
 from fdcore.engine.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -83,6 +84,7 @@ async def _generate(request: Request, chat: bool) -> Response:
                        f"`{ctx.model_name}`", param="model", code="model_not_found")
     max_tokens = _max_tokens(ctx, len(prompt_ids), requested, param)
     rid = _request_id(parsed.request_id, request.headers.get("x-request-id"))
+    extra = _disaggregation(ctx, parsed.disaggregate_info)
     engine_request = EngineRequest(
         request_id=rid,
         prompt_token_ids=prompt_ids,
@@ -98,6 +100,7 @@ async def _generate(request: Request, chat: bool) -> Response:
         ),
         arrival_time=time.time(),
         origin=ctx.instance_id,
+        extra=extra,
     )
     stream = await ctx.serving.submit(engine_request)
     headers = {"x-request-id": rid}
@@ -118,6 +121,22 @@ async def _generate(request: Request, chat: bool) -> Response:
         usage=usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
     )
     return json_response(body_json, headers=headers)
+
+
+def _disaggregation(ctx: Engine, value: dict[str, Any] | None) -> dict[str, Any]:
+    """``extra`` for a request's ``disaggregate_info``: kept (checked) on a prefill or decode
+    engine, ignored on a mixed one (it runs the whole request)."""
+    if value is None or ctx.pd is None:
+        return {}
+    try:
+        info = parse_disagg_info(value)
+    except DisaggInfoError as exc:
+        raise APIError(400, str(exc), param=DISAGG_KEY, code="invalid_value") from None
+    if info.transfer_protocol not in ctx.pd.transports:
+        raise APIError(400, f"disaggregate_info.transfer_protocol: this engine does not offer "
+                       f"{info.transfer_protocol} (it offers {', '.join(ctx.pd.transports)})",
+                       param=DISAGG_KEY, code="invalid_value")
+    return {DISAGG_KEY: info.as_dict()}
 
 
 def _completion_prompt(ctx: Engine, parsed: CompletionRequest) -> list[int]:

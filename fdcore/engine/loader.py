@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from fdcore.engine.config import EngineConfig
-from fdcore.engine.runner import ModelRunner, Tokenizer
+from fdcore.engine.runner import Allocate, ModelRunner, Tokenizer
 from fdcore.errors import StartupError
 
 SIM_MODEL = "sim"
@@ -39,12 +39,13 @@ class LoadedModel(Protocol):
         """Tokens that end generation."""
 
 
-def load(config: EngineConfig) -> LoadedModel:
-    """Load ``config.model`` with its KV cache sized by the config."""
+def load(config: EngineConfig, allocate: Allocate | None = None) -> LoadedModel:
+    """Load ``config.model`` with its KV cache sized by the config (allocated by ``allocate``
+    when given: the KV transports' pool)."""
     if config.model == SIM_MODEL:
         from fdcore.engine.runners.sim.loader import load_sim
 
-        return load_sim(config)
+        return load_sim(config, allocate)
     import torch
 
     from fdcore.engine.runners.torch import load_model
@@ -61,6 +62,7 @@ def load(config: EngineConfig) -> LoadedModel:
             num_blocks=config.num_gpu_blocks,
             kv_cache_memory_bytes=config.kv_cache_memory,
             max_model_len=config.max_model_len,
+            allocate=allocate,
         )
     except ValueError as exc:
         raise StartupError(f"--model: {exc}") from None

@@ -41,6 +41,8 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     request_id: str | None = Field(None, min_length=1, max_length=256)
+    # A P-D pairing, checked by fdcore.engine.disagg.info where the engine hands off.
+    disaggregate_info: dict[str, Any] | None = None
 
     @field_validator("temperature")
     @classmethod

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the contract names tensors; importing it needs no torch
     import torch
+
+
+Allocate = Callable[[tuple[int, ...], "torch.dtype"], "torch.Tensor"]
+"""Allocates a runner's zeroed KV pool of a shape and dtype (where the KV transports can reach
+it: shared memory for ``ipc``); the runner's own allocation when none is given."""
 
 
 @dataclass(slots=True)

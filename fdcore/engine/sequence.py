@@ -8,6 +8,7 @@ import torch
 
 from fdcore.engine.block_manager import BlockTable
 from fdcore.engine.detokenizer import IncrementalText
+from fdcore.engine.disagg.info import DisaggInfo, disagg_of
 from fdcore.engine.runner import Tokenizer
 from fdcore.engine.sampling import make_generator
 from fdcore.types import EngineRequest, RequestOutput
@@ -29,6 +30,9 @@ class Seq:
     num_computed: int = 0
     num_cached_tokens: int = 0
     admitted_once: bool = False
+    disagg: DisaggInfo | None = None  # a P-D hand-off's pairing (prefill engines only)
+    direct: bool = False  # outputs go straight to the API (a hand-off taken over on D)
+    adopted_at: float = 0.0  # wall time its KV arrived from P, until its first decode step
 
     @classmethod
     def from_request(cls, request: EngineRequest, tokenizer: Tokenizer) -> Seq:
@@ -39,6 +43,7 @@ class Seq:
             tokens=list(request.prompt_token_ids),
             text=IncrementalText(tokenizer, sampling.stop),
             generator=make_generator(sampling),
+            disagg=disagg_of(request.extra),
         )
 
     @property

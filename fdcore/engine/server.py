@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 from fdcore import __version__
 from fdcore.engine.app import build_app, build_metrics_app
 from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig
+from fdcore.engine.disagg.transports import build_transports, pool_allocator
 from fdcore.engine.engine import build_engine
 from fdcore.engine.loader import LoadedModel, load
 from fdcore.engine.registration import advertised_ip
@@ -23,7 +24,7 @@ from fdcore.plugins import load_plugins
 from fdcore.registry import Component as Registered
 from fdcore.server import run, serve_apps
 from fdcore.server_limits import ServerLimits
-from fdcore.types import HostInfo, SchedulerContext, StrictModel
+from fdcore.types import HostInfo, Role, SchedulerContext, StrictModel, Transport
 
 log = structlog.get_logger(__name__)
 
@@ -51,9 +52,15 @@ def serve(config: EngineConfig, options: dict[str, Any], origin: dict[str, str])
     component = plugins.component("scheduler", config.scheduler_name)
     sched_config = scheduler_config(component, options, origin,
                                     [c for c in plugins.registry if c.family == "scheduler"])
+    host_ip = advertised_ip(config.host)
+    transports = (build_transports(plugins, config.cache_transfer_protocol, device=config.device,
+                                   host=host_ip, instance_id=f"{host_ip}:{config.port}",
+                                   ports=[int(p) for p in config.rdma_comm_ports])
+                  if config.splitwise_role is not Role.MIXED else {})
     log.info("engine.loading", model=config.model, device=config.device)
     started = time.perf_counter()
-    model = on_torch_thread(load, config)
+    allocate = pool_allocator(transports, config.device) if transports else None
+    model = on_torch_thread(load, config, allocate)
     log.info("engine.loaded", model=model.name, seconds=round(time.perf_counter() - started, 1),
              kv_blocks=model.runner.num_blocks)
     if model.runner.num_blocks <= config.enc_dec_block_num:
@@ -61,12 +68,13 @@ def serve(config: EngineConfig, options: dict[str, Any], origin: dict[str, str])
             f"the KV cache has {model.runner.num_blocks} blocks; it needs more than "
             f"--enc-dec-block-num ({config.enc_dec_block_num})"
         )
-    run(functools.partial(_serve, config, component, sched_config, model))
+    run(functools.partial(_serve, config, component, sched_config, model, transports))
     return 0
 
 
 async def _serve(
-    config: EngineConfig, component: Registered, sched_config: StrictModel, model: LoadedModel
+    config: EngineConfig, component: Registered, sched_config: StrictModel, model: LoadedModel,
+    transports: dict[str, Transport],
 ) -> None:
     host_ip = advertised_ip(config.host)
     metrics_port = config.metrics_port or config.port
@@ -75,7 +83,7 @@ async def _serve(
         SchedulerContext(f"{host_ip}:{config.port}", host_ip, config.port, config.block_size,
                          role=config.splitwise_role),
     )
-    engine = build_engine(config, model, scheduler, host_ip)
+    engine = build_engine(config, model, scheduler, host_ip, transports)
     apps: list[tuple[ASGIApp, int]] = [(build_app(engine), config.port)]
     if metrics_port != config.port:
         apps.append((build_metrics_app(engine), metrics_port))

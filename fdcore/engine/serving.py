@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from fdcore.engine.engine_loop import EngineLoop
 from fdcore.engine.metrics import EngineMetrics
@@ -51,10 +51,15 @@ def _refused(rejection: Rejection) -> APIError:
 class Serving:
     """Submits requests to the scheduler and routes their outputs to per-request streams."""
 
-    def __init__(self, scheduler: Scheduler, engine: EngineLoop, metrics: EngineMetrics) -> None:
+    def __init__(
+        self, scheduler: Scheduler, engine: EngineLoop, metrics: EngineMetrics,
+        take_over: Callable[[EngineRequest], bool] | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.engine = engine
         self.metrics = metrics
+        # On a decode engine: takes a P-D hand-off's request instead of the scheduler.
+        self.take_over = take_over
         self._streams: dict[str, RequestStream] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -78,6 +83,9 @@ class Serving:
             duplicate = f"duplicated request_id: {rid}"
             raise _refused(Rejection(rid, RejectionKind.DUPLICATE_ID, duplicate))
         stream = self._streams[rid] = RequestStream(request)
+        if self.take_over is not None and self.take_over(request):
+            self.metrics.requests_number.inc()
+            return stream
         try:
             rejected = await self.scheduler.put_requests([request])
         except BaseException:
@@ -132,6 +140,13 @@ class Serving:
                 completion_tokens=stream.completion_tokens,
             )
         )
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams directly (requests that bypass the scheduler)."""
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                self._deliver(stream, output)
 
     async def _dispatch(self) -> None:
         while True:

@@ -32,6 +32,7 @@ class Engine:
         self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.pd_port = 0  # the P-D connector's port, on a prefill or decode engine
 
     def request(
         self,
@@ -96,14 +97,15 @@ def start_engine(sim_profile: Path) -> Iterator[Callable[..., Engine]]:
     """Start sim engines with extra flags; all are stopped at the end of the session."""
     procs: list[ServerProcess] = []
 
-    def start(*flags: str, model: str = "sim", ready_timeout: float = 60.0) -> Engine:
+    def start(*flags: str, model: str = "sim", ready_timeout: float = 60.0,
+              profile: Path | None = None, env: dict[str, str] | None = None) -> Engine:
         port = free_port()
         argv = python_module("fdcore.engine", "--model", model, "--host", "127.0.0.1",
                              "--port", str(port), *flags)
         if model == "sim":
-            argv += ["--sim-profile", str(sim_profile)]
+            argv += ["--sim-profile", str(profile or sim_profile)]
         proc = ServerProcess(argv, ready_url=f"http://127.0.0.1:{port}/health",
-                             ready_timeout=ready_timeout)
+                             ready_timeout=ready_timeout, env=env)
         procs.append(proc.start())
         return Engine(proc, port)
 

@@ -22,6 +22,7 @@ from fdcore.kv import KVLayout
 from fdcore.testing import ServerProcess, free_port
 from fdcore.testing.cluster import RouterFactory
 from fdcore.testing.cluster import wait_until as wait_until_async
+from fdcore.testing.distributions import plugin_site, pythonpath
 from fdcore.testing.processes import python_module
 from tests.engine.conftest import Engine
 
@@ -64,23 +65,49 @@ def router_port() -> Iterator[int]:
     yield free_port()
 
 
+# This machine has no RDMA device, so the default rdma transport cannot start: a stand-in that
+# registers the same name (the default blocked) lets the engine start and register.
+FAKE_RDMA = """
+import fdcore
+from fdcore.bases import BaseTransport
+
+
+class NoNicRdma(BaseTransport):
+    name = "rdma"
+
+    async def expose(self):
+        return {}
+
+    async def connect(self, handle):
+        raise RuntimeError("no RDMA device here")
+
+
+@fdcore.hookimpl
+def fdcore_register_transports(register):
+    register.add_transport(NoNicRdma)
+"""
+
+
 def test_registers_heartbeats_and_survives_a_router_restart(
-    start_engine: Callable[..., Engine], router_port: int
+    start_engine: Callable[..., Engine], router_port: int, tmp_path: Path
 ) -> None:
     router = FakeRouter(router_port)
-    metrics_port = free_port()
+    metrics_port, pd_port = free_port(), free_port()
+    site = plugin_site(tmp_path / "site", "fdcore-no-nic-rdma", {"no_nic_rdma": "no_nic_rdma"},
+                       {"no_nic_rdma": FAKE_RDMA})
     engine = start_engine(
         "--router", f"127.0.0.1:{router_port}", "--register-interval", "0.2",
         "--metrics-port", str(metrics_port), "--splitwise-role", "prefill",
-        "--pd-comm-port", "8201", "--engine-worker-queue-port", "8202",
+        "--pd-comm-port", str(pd_port), "--engine-worker-queue-port", "8202",
         "--cache-transfer-protocol", "ipc,rdma", "--rdma-comm-ports", "7100,7101",
-        "--device-ids", "0,1",
+        "--device-ids", "0,1", "--plugins", "default,no_nic_rdma", "--block-plugins", "rdma",
+        env={"PYTHONPATH": pythonpath(site)},
     )
     try:
         payload = router.payloads.get(timeout=30)
         assert payload == {
             "role": "prefill", "host_ip": "127.0.0.1", "port": engine.port,
-            "connector_port": 8201, "engine_worker_queue_port": 8202,
+            "connector_port": pd_port, "engine_worker_queue_port": 8202,
             "transfer_protocol": ["ipc", "rdma"], "rdma_ports": ["7100", "7101"],
             "device_ids": ["0", "1"], "metrics_port": metrics_port, "tp_size": 2,
             "version": payload["version"],

@@ -157,6 +157,12 @@ class Holds:
         due = [tid for tid, hold in self._holds.items() if hold.deadline <= now]
         return [hold for tid in due if (hold := self.release(tid, ReleaseReason.EXPIRED))]
 
+    def due(self, side: Side | None = None) -> list[Hold]:
+        """Live holds (of ``side``) whose deadline has passed, left for the caller to end."""
+        now = self.clock()
+        return [hold for hold in self._holds.values()
+                if hold.deadline <= now and (side is None or hold.side is side)]
+
     def release_all(self, reason: ReleaseReason = ReleaseReason.SHUTDOWN) -> int:
         """Release every hold (engine shutdown); returns how many there were."""
         ids = list(self._holds)

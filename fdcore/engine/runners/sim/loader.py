@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fdcore.engine.config import EngineConfig
+from fdcore.engine.runner import Allocate
 from fdcore.engine.runners.sim.runner import SimProfile, SimRunner
 from fdcore.engine.runners.sim.tokenizer import ByteTokenizer
 
@@ -26,7 +27,7 @@ class SimModel:
     eos_token_ids: Sequence[int]
 
 
-def load_sim(config: EngineConfig) -> SimModel:
+def load_sim(config: EngineConfig, allocate: Allocate | None = None) -> SimModel:
     """The sim model with ``--num-gpu-blocks`` blocks, else as many as ``--kv-cache-memory``
     would hold for SmolLM2, else :data:`SIM_NUM_BLOCKS`."""
     num_blocks = config.num_gpu_blocks or (
@@ -36,7 +37,8 @@ def load_sim(config: EngineConfig) -> SimModel:
     )
     max_model_len = config.max_model_len or SIM_MAX_MODEL_LEN
     runner = SimRunner(
-        SimProfile.load(config.sim_profile), config.block_size, num_blocks, max_model_len
+        SimProfile.load(config.sim_profile), config.block_size, num_blocks, max_model_len,
+        allocate=allocate,
     )
     tokenizer = ByteTokenizer()
     return SimModel(runner, tokenizer, config.model, max_model_len, tokenizer.eos_token_ids)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from fdcore.engine.runner import Allocate
+
 from .config import ModelConfig
 from .gguf_loader import read_gguf
 from .hf_loader import read_hf_folder
@@ -97,6 +99,7 @@ def load_model(
     num_blocks: int | None = None,
     kv_cache_memory_bytes: int | None = None,
     max_model_len: int | None = None,
+    allocate: Allocate | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face folder or a ``.gguf`` file into a :class:`TorchRunner`.
 
@@ -144,6 +147,7 @@ def load_model(
         max_model_len=max_len,
         device=dev,
         dtype=torch_dtype,
+        allocate=allocate,
     )
     return LoadedModel(
         runner=runner,

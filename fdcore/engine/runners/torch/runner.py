@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fdcore.engine.runner import SeqInput
+from fdcore.engine.runner import Allocate, SeqInput
 
 from .attention import CacheShape, plan_batch
 from .llama import LlamaDecoder
@@ -39,6 +39,7 @@ class TorchRunner:
         max_model_len: int,
         device: torch.device,
         dtype: torch.dtype,
+        allocate: Allocate | None = None,
     ) -> None:
         cfg = decoder.cfg
         self.decoder = decoder
@@ -49,11 +50,16 @@ class TorchRunner:
         self.device = device
         self.dtype = dtype
         self._heads_per_kv = cfg.num_heads // cfg.num_kv_heads
-        self._cache = torch.zeros(
-            (cfg.num_layers, 2, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim),
-            dtype=dtype,
-            device=device,
-        )
+        shape = (cfg.num_layers, 2, num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+        if allocate is None:
+            self._cache = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self._cache = allocate(shape, dtype)
+            if (tuple(self._cache.shape) != shape or self._cache.dtype != dtype
+                    or self._cache.device != device or not self._cache.is_contiguous()):
+                raise ValueError(f"KV pool allocator gave {tuple(self._cache.shape)} "
+                                 f"{self._cache.dtype} on {self._cache.device}; wanted {shape} "
+                                 f"{dtype} on {device}, contiguous")
         layers = self._cache.unbind(0)
         self._caches = [(layer[0], layer[1]) for layer in layers]
         self._kv_rows = [layer.view(-1, cfg.head_dim) for layer in layers]
