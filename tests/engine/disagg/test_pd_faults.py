@@ -52,7 +52,13 @@ def _pd_error(answer: Answer) -> str:
 
 
 def _reclaimed(*engines: Engine) -> None:
-    wait_until(lambda: all(at_baseline(e) for e in engines), timeout=RECLAIM_SECS)
+    try:
+        wait_until(lambda: all(at_baseline(e) for e in engines), timeout=RECLAIM_SECS)
+    except AssertionError:
+        state = [(e.port, held_blocks(e), {k: v for k, v in e.metrics().items()
+                                           if "block" in k or "running" in k})
+                 for e in engines]
+        raise AssertionError(f"blocks not back within {RECLAIM_SECS} s: {state}") from None
 
 
 def test_d_rejects_when_it_has_no_room(start_pd: StartPD, tmp_path: Path) -> None:
