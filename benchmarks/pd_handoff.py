@@ -45,8 +45,8 @@ def engine(name: str, port: int, log_dir: Path, *flags: str) -> ManagedProcess:
 
 
 def prompt(tokens: int, seed: int) -> str:
-    """About ``tokens`` tokens of words (roughly one token per word and space)."""
-    return " ".join(WORDS[(seed * 7 + i * 13) % len(WORDS)] for i in range(tokens - 8))
+    """About ``tokens`` SmolLM2 tokens of words (these words take about 1.785 tokens each)."""
+    return " ".join(WORDS[(seed * 7 + i * 13) % len(WORDS)] for i in range(int(tokens / 1.785)))
 
 
 def stream_ttft(port: int, body: dict[str, Any]) -> tuple[float, int]:
