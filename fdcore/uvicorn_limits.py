@@ -107,9 +107,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def begin_drain(self) -> None:
-        """The server drains: close after the current answer; an idle connection stays open
-        until its keep-alive timer or its next request (answered, then closed)."""
-        if self.cycle is not None and not self.cycle.response_complete:
+        """The server drains: close after the current answer if its head is not sent yet (it
+        then says ``connection: close``). An answer whose head already went out promised a
+        kept-alive connection: closing after it would race the client's next request, so that
+        connection, like an idle one, stays open until its keep-alive timer or its next request
+        (answered, then closed)."""
+        if self.cycle is not None and not self.cycle.response_started:
             self.cycle.keep_alive = False
 
     def _arm(self, seconds: float) -> None:

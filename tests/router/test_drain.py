@@ -41,7 +41,9 @@ async def test_drain_lets_the_stream_finish(backends: BackendFactory, router: Ro
     (backend,) = backends(1)
     r = router([backend], server={"drain-grace-secs": 60, "keep-alive-timeout-secs": 60})
     await r.wait_healthy(1)
-    async with aiohttp.ClientSession() as streaming, aiohttp.ClientSession() as prober:
+    # The prober keeps its connection as long as the router does (aiohttp's default is 15 s).
+    kept = aiohttp.TCPConnector(keepalive_timeout=60)
+    async with aiohttp.ClientSession() as streaming, aiohttp.ClientSession(connector=kept) as prober:
         async with prober.get(f"{r.url}/health") as resp:  # a kept-alive connection
             assert resp.status == 200
         stream = await _start_held_stream(streaming, r, backend, "drain-1")

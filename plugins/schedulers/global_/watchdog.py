@@ -24,7 +24,9 @@ class Watchdog:
     * were queued or running elsewhere when Redis lost its data (a restart) and show no sign
       of life within ``lost-timeout`` seconds (requests that were stolen before it keep
       sending outputs and are unaffected);
-    * run on an instance whose liveness key has expired.
+    * run on an instance whose liveness key has expired. A key found missing within
+      ``alive-ttl`` of Redis coming back (or losing its data) proves nothing: a live instance
+      renews its key every third of that, so the check waits until each had the time.
     """
 
     def __init__(
@@ -36,10 +38,12 @@ class Watchdog:
         self.config = config
         self.fail = fail
         self.lost_at: float | None = None
+        self.unsettled_at = time.monotonic()  # Redis last seen down or without its data
 
     def data_lost(self) -> None:
         """Redis came back without this instance's keys."""
         self.lost_at = self.lost_at or time.monotonic()
+        self.unsettled_at = time.monotonic()
 
     async def run(self) -> None:
         """Check forever."""
@@ -47,9 +51,12 @@ class Watchdog:
         while True:
             await asyncio.sleep(_TICK_SECONDS)
             now = time.monotonic()
+            if self.queues.link.down_since is not None:
+                self.unsettled_at = now
             self._expire()
             self._lost(now)
-            if now - checked_executors >= self.config.alive_ttl / 3:
+            settled = now - self.unsettled_at >= self.config.alive_ttl
+            if settled and now - checked_executors >= self.config.alive_ttl / 3:
                 checked_executors = now
                 await self._executors()
 
