@@ -30,6 +30,13 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--splitwise", action="store_true", default=None,
                    help="prefill/decode mode: accept only prefill and decode instances")
     p.add_argument("--policy", help="selection policy for mixed mode (overrides scheduler.policy)")
+    p.add_argument("--request-timeout-secs", type=float,
+                   help="longest a request may take (overrides proxy.total-timeout-secs)")
+    p.add_argument("--preempt-retry-count", type=int,
+                   help="splitwise: retries of a failed hand-off on a new pair "
+                        "(overrides proxy.preempt-retry-count)")
+    p.add_argument("--preempt-retry-exclude-decode", action="store_true", default=None,
+                   help="splitwise: a retry does not reuse the failed pair's decode instance")
     _plugin_args(p)
     p.set_defaults(func=_run_serve)
 
@@ -69,6 +76,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     for section, key, value in (
         ("server", "port", args.port), ("server", "host", args.host),
         ("server", "splitwise", args.splitwise), ("scheduler", "policy", args.policy),
+        ("proxy", "total-timeout-secs", args.request_timeout_secs),
+        ("proxy", "preempt-retry-count", args.preempt_retry_count),
+        ("proxy", "preempt-retry-exclude-decode", args.preempt_retry_exclude_decode),
     ):
         if value is not None:
             overrides.setdefault(section, {})[key] = value

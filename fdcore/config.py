@@ -70,6 +70,14 @@ class SchedulerConfig(StrictModel):
     prefill_policy: str = "process_tokens"
     decode_policy: str = "request_num"
     stats_interval_secs: float = Field(5, gt=0)
+    # fdcore, splitwise mode: conditional disaggregation (docs/pd.md, "Conditional
+    # disaggregation"). A prompt estimated below pd-min-prompt-tokens, or a request arriving
+    # while every prefill instance has pd-max-prefill-queue requests in flight, is served by a
+    # decode instance alone. 0 turns each rule off. The router has no tokenizer: tokens are
+    # estimated as prompt characters / pd-chars-per-token (1 for the sim's byte tokenizer).
+    pd_min_prompt_tokens: int = Field(0, ge=0)
+    pd_max_prefill_queue: int = Field(0, ge=0)
+    pd_chars_per_token: float = Field(4.0, gt=0)
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
 
@@ -126,6 +134,11 @@ class ProxyConfig(StrictModel):
     # cannot see; set it (e.g. twice the engines' max-num-seqs) to answer 429 instead.
     max_inflight_per_instance: int = Field(0, ge=0)
     retry_after_secs: int = Field(1, ge=1)  # the Retry-After of a 429 when every instance is full
+    # Splitwise mode (FastDeploy's router flags): a hand-off that fails with "PD Error" (or a
+    # decode answer finishing "pd_reschedule") is retried on a new pair this many times, before
+    # the client has seen a byte; with exclude-decode the failed pair's decode is not reused.
+    preempt_retry_count: int = Field(3, ge=0)
+    preempt_retry_exclude_decode: bool = False
 
 
 class OutlierConfig(StrictModel):
@@ -195,7 +208,9 @@ class RouterConfig(StrictModel):
 
 
 _VERBATIM_ENV_SECTIONS = {"auth"}
-_SCHEDULER_KEYS = frozenset({"policy", "prefill-policy", "decode-policy", "stats-interval-secs"})
+_SCHEDULER_KEYS = frozenset({"policy", "prefill-policy", "decode-policy", "stats-interval-secs",
+                             "pd-min-prompt-tokens", "pd-max-prefill-queue",
+                             "pd-chars-per-token"})
 _POLICY_KEYS = {Role.MIXED: "policy", Role.PREFILL: "prefill-policy", Role.DECODE: "decode-policy"}
 # FastDeploy's scheduler section carries these whatever policy it selects, so a file of its
 # loads unchanged: read by no selected policy, they are logged and ignored, not refused.

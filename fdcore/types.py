@@ -55,6 +55,13 @@ class Role(enum.StrEnum):
     DECODE = "decode"
 
 
+# What a prefill/decode engine's error message starts with when a KV hand-off failed; a router
+# retries such a request on another pair (FastDeploy's rule, with its ``pd_reschedule``
+# finish reason).
+PD_ERROR = "PD Error"
+PD_RESCHEDULE = "pd_reschedule"
+
+
 class Outcome(enum.StrEnum):
     """How a routed request ended, as seen by the router."""
 

@@ -236,17 +236,19 @@ async def abort_requests(request: Request) -> Response:
                               param="req_ids")
     healthy = [i for i in state.instances.instances() if i.healthy]
     calls: list[tuple[list[Instance], dict[str, Any]]] = []
+    alias: dict[str, str] = {}  # the id an instance knows -> the client's
     if abort_all:
         calls.append((healthy, {"abort_all": True}))
     else:
         by_instance: dict[str, list[str]] = {}
         unknown: list[str] = []
         for rid in req_ids:
-            lease = state.selector.inflight.get(rid)
-            if lease is None:
+            leases = state.selector.inflight.get(rid)
+            if not leases:
                 unknown.append(rid)
-            else:
-                by_instance.setdefault(lease.instance.url, []).append(rid)
+            for lease in leases or ():  # a prefill/decode pair: both
+                by_instance.setdefault(lease.instance.url, []).append(lease.upstream_id)
+                alias[lease.upstream_id] = rid
         for url, ids in by_instance.items():
             instance = state.instances.get(url)
             if instance is not None:
@@ -271,7 +273,7 @@ async def abort_requests(request: Request) -> Response:
                     else {"request_id": item, "instance": instance.url}
                     for item in result["aborted"]
                 )
-    found = {a.get("request_id") for a in aborted}
+    found = {alias.get(a.get("request_id"), a.get("request_id")) for a in aborted}
     not_found = [] if abort_all else [r for r in req_ids if r not in found]
     return json_response({"aborted": aborted, "not_found": not_found, "instances": per_instance})
 

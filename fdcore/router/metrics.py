@@ -100,6 +100,15 @@ class RouterMetrics:
             "fdcore_router_ejections", "Times outlier detection took the instance out of "
             "selection", ["instance"], registry=reg,
         )
+        self.pd_decisions = Counter(
+            "fdcore_router_pd_decisions", "Splitwise mode: how each request was served "
+            "(disaggregated: a prefill/decode pair; decode_only: a decode instance alone) "
+            "and why", ["decision", "reason"], registry=reg,
+        )
+        self.pd_reschedules = Counter(
+            "fdcore_router_pd_reschedules", "Splitwise mode: attempts retried on a new pair, "
+            "by the side that failed", ["side"], registry=reg,
+        )
         self._collector = _InstanceCollector(instances)
         reg.register(self._collector)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -56,15 +56,27 @@ class Drained(Exception):
     """The router's drain grace period ended before this request finished."""
 
 
-class _Exchange:
-    """Per-request state: who the client is, what it sent, how it ended."""
+class Exchange:
+    """Per-request state: who the client is, what it sent, how it ended.
 
-    __slots__ = ("answer", "drained", "endpoint", "first_byte_at", "gone", "request_id",
-                 "started", "status", "upstream_status")
+    The edge (:class:`Proxy`) fills in the request (``route``, ``payload``, ``body``,
+    ``stream``, the forwarded header ``lines``) before the dispatch runs; the dispatch and the
+    relay fill in how it went.
+    """
+
+    __slots__ = ("answer", "body", "drained", "endpoint", "first_byte_at", "gone", "lines",
+                 "payload", "request_id", "route", "started", "status", "stream",
+                 "upstream_status")
+
+    route: RouteRequest
+    payload: dict[str, Any]
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.request_id = ""  # set once validated: it is echoed in response headers
+        self.lines: list[bytes] = []
+        self.body = b""
+        self.stream = False
         self.started = time.perf_counter()
         self.status = 0
         self.gone = False
@@ -73,6 +85,33 @@ class _Exchange:
         self.first_byte_at: float | None = None
         self.upstream_status = 0
         self.answer = b""  # the body, or a stream's last chunks (for ``usage``)
+
+
+class Dispatch(Protocol):
+    """How a request reaches instances, chosen when the app is built: mixed (one instance,
+    :meth:`Proxy.route_mixed`) or paired (a prefill and a decode instance,
+    :class:`fdcore.router.paired.PairedDispatch`). It answers the client through ``send``
+    (with :meth:`Proxy.exchange` for the answer it relays) and releases every lease it takes.
+    """
+
+    async def __call__(self, ex: Exchange, send: Send) -> None:
+        """Serve ``ex`` (its request already read and checked)."""
+        ...
+
+
+class Screen(Protocol):
+    """Looks at an answer before the client does; raises to refuse it (a paired dispatch
+    retries a failed hand-off this way). Both methods are called only before the client has
+    seen a byte."""
+
+    def answer(self, status: int, body: bytes) -> None:
+        """A whole (non-streamed) answer."""
+        ...
+
+    def ready(self, head: bytes) -> bool:
+        """A stream's first bytes so far: whether the client may have them now (False: wait
+        for more)."""
+        ...
 
 
 class Proxy:
@@ -88,21 +127,21 @@ class Proxy:
 
     def __init__(
         self, selector: Selector, metrics: RouterMetrics, config: ProxyConfig, max_body: int,
-        splitwise: bool = False, drain: Drain | None = None, router_keys: bool = False,
+        drain: Drain | None = None, router_keys: bool = False,
     ) -> None:
         self.selector = selector
         self.metrics = metrics
         self.config = config
         self.max_body = max_body
-        self.splitwise = splitwise
         self.drain = drain
         # The router's own keys never travel on to an instance (a rogue one would collect
         # them); without router keys, Authorization is the instances' business and passes.
         self._skip = _HOP_HEADERS | ({b"authorization"} if router_keys else set())
         self.pool = UpstreamPool(config.connect_timeout_secs)
         self.router_id = f"{random.getrandbits(64):016x}".encode()
-        self._active: dict[_Exchange, asyncio.Task[Any]] = {}
+        self._active: dict[Exchange, asyncio.Task[Any]] = {}
         self._drain_watch: asyncio.Task[None] | None = None
+        self.dispatch: Dispatch = self.route_mixed
 
     async def start(self) -> None:
         """Watch the drain: when its grace period ends, end every request still in flight."""
@@ -126,11 +165,11 @@ class Proxy:
         """A raw ASGI app forwarding to ``endpoint`` (``chat`` or ``completions``)."""
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            ex = _Exchange(endpoint)
+            ex = Exchange(endpoint)
             try:
                 await self._handle(ex, scope, receive, send)
             except APIError as exc:
-                await self._reply_error(ex, send, exc.status, exc.message, exc.type, exc.param,
+                await self.reply_error(ex, send, exc.status, exc.message, exc.type, exc.param,
                                         code=exc.code)
             except ClientGone:
                 ex.status = 499
@@ -139,18 +178,18 @@ class Proxy:
                 if ex.status:
                     await _end_stream(send, 503, message, "service_unavailable")
                 else:
-                    await self._reply_error(ex, send, 503, message, "service_unavailable")
+                    await self.reply_error(ex, send, 503, message, "service_unavailable")
             except Exception as exc:  # a bug must cost one request, not the router
                 log.exception("proxy failed", request_id=ex.request_id)
                 if ex.status:
                     raise
-                await self._reply_error(ex, send, 500, f"internal error: {exc!r}",
+                await self.reply_error(ex, send, 500, f"internal error: {exc!r}",
                                         "internal_error")
             self._observe(ex)
 
         return app
 
-    def _observe(self, ex: _Exchange) -> None:
+    def _observe(self, ex: Exchange) -> None:
         elapsed = time.perf_counter() - ex.started
         self.metrics.count_request(ENDPOINT_PATHS[ex.endpoint], ex.status)
         self.metrics.child(self.metrics.latency, ex.endpoint).observe(elapsed)
@@ -185,24 +224,23 @@ class Proxy:
         lines += (VIA_HEADER, b": ", via, b"\r\n")
         return request_id, lines
 
-    async def _handle(self, ex: _Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-        ex.request_id, lines = self._read_head(scope)
-        if self.splitwise:
-            # Instances register with their roles already; pairing them comes with PD routing.
-            raise APIError(501, "prefill/decode (splitwise) routing is not available in this "
-                              "version; run the router without --splitwise",
-                              type_="not_implemented")
-        body = await read_body(scope, receive, self.max_body)
-        payload = parse_json(body)
-        check_common(payload)
+    def head(self, ex: Exchange, request_id: str) -> bytes:
+        """The upstream request head for ``ex`` (without Host and Content-Length), sent as
+        ``request_id``."""
+        return b"".join((b"POST ", _PATHS[ex.endpoint], b" HTTP/1.1\r\n", *ex.lines,
+                         b"x-request-id: ", request_id.encode("ascii"), b"\r\n"))
+
+    async def _handle(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        ex.request_id, ex.lines = self._read_head(scope)
+        ex.body = await read_body(scope, receive, self.max_body)
+        payload = ex.payload = check_common(parse_json(ex.body))
         prompt = PROMPT_READERS[ex.endpoint](payload)
         if not ex.request_id:
             # Unique, not secret: the cheapest 128 random bits.
             ex.request_id = payload.get("request_id") or f"{random.getrandbits(128):032x}"
-        route = RouteRequest(ex.request_id, ex.endpoint, prompt, payload, len(prompt), Role.MIXED)
-        head = b"".join((b"POST ", _PATHS[ex.endpoint], b" HTTP/1.1\r\n", *lines,
-                         b"x-request-id: ", ex.request_id.encode("ascii"), b"\r\n"))
-        stream = payload.get("stream") is True
+        ex.route = RouteRequest(ex.request_id, ex.endpoint, prompt, payload, len(prompt),
+                                Role.MIXED)
+        ex.stream = payload.get("stream") is True
         task = asyncio.current_task()
         assert task is not None
 
@@ -212,8 +250,7 @@ class Proxy:
         self._active[ex] = task
         try:
             # A client that leaves raises ClientGone here; the drain cancels this task.
-            await until_disconnect(receive, self._route(ex, route, head, body, stream, send),
-                                   gone)
+            await until_disconnect(receive, self.dispatch(ex, send), gone)
         except asyncio.CancelledError:
             if not ex.drained:
                 raise
@@ -222,21 +259,21 @@ class Proxy:
         finally:
             del self._active[ex]
 
-    async def _route(
-        self, ex: _Exchange, route: RouteRequest, head: bytes, body: bytes, stream: bool,
-        send: Send,
-    ) -> None:
+    async def route_mixed(self, ex: Exchange, send: Send) -> None:
+        """The mixed dispatch: one instance answers; another is tried only when none of the
+        answer has arrived (connect failures, up to ``proxy.max-retries``)."""
         exclude: set[str] = set()
+        head, stream = self.head(ex, ex.request_id), ex.stream
         while True:
             try:
-                lease = await self.selector.acquire(route, frozenset(exclude))
+                lease = await self.selector.acquire(ex.route, frozenset(exclude))
             except NoInstance as exc:  # 503, or 429 with Retry-After when all are full
-                await self._reply_error(ex, send, exc.status, str(exc), exc.type,
+                await self.reply_error(ex, send, exc.status, str(exc), exc.type,
                                         retry_after=exc.retry_after)
                 return
             outcome = Outcome.ERROR
             try:
-                outcome = await self._exchange(ex, lease, head, body, stream, send)
+                outcome = await self.exchange(ex, lease, head, ex.body, send)
                 return
             except asyncio.CancelledError:
                 # Neither a client leaving nor the router draining is the instance's fault.
@@ -248,43 +285,58 @@ class Proxy:
                 log.warning("connect failed", request_id=ex.request_id,
                             instance=lease.instance.url, error=str(exc), attempt=len(exclude))
                 if len(exclude) > self.config.max_retries:
-                    await self._reply_error(
+                    await self.reply_error(
                         ex, send, 502,
                         f"could not reach an instance after {len(exclude)} attempts: {exc}",
                         "bad_gateway",
                     )
                     return
-            except TimeoutError:
-                outcome = Outcome.TIMEOUT
-                if ex.status:  # a stream had started: end it with an error event
-                    await _end_stream(send, 504, f"instance {lease.instance.url} timed out "
-                                      f"after {self.config.total_timeout_secs}s", "timeout")
-                    return
-                await self._reply_error(
-                    ex, send, 504, f"instance {lease.instance.url} did not answer within "
-                    f"{self._first_byte_timeout(stream)}s", "timeout",
-                )
-                return
-            except ResponseFailed as exc:
-                if ex.status:
-                    return
-                await self._reply_error(ex, send, 502,
-                                        f"instance {lease.instance.url} failed: {exc}",
-                                        "bad_gateway")
+            except (TimeoutError, ResponseFailed) as exc:
+                outcome = await self.answer_failure(ex, send, exc, lease.instance.url)
                 return
             finally:
                 lease.release(outcome, ex.upstream_status, stream and ex.upstream_status == 200,
                               ex.first_byte_at, ex.answer)
+
+    async def answer_failure(
+        self, ex: Exchange, send: Send, exc: TimeoutError | ResponseFailed, url: str
+    ) -> Outcome:
+        """Tell the client that the instance at ``url`` timed out or failed (an error event
+        when its stream had started); the outcome to release the lease with."""
+        if isinstance(exc, TimeoutError):
+            if ex.status:  # a stream had started: end it with an error event
+                await _end_stream(send, 504, f"instance {url} timed out after "
+                                  f"{self.config.total_timeout_secs}s", "timeout")
+            else:
+                await self.reply_error(ex, send, 504, f"instance {url} did not answer within "
+                                       f"{self._first_byte_timeout(ex.stream)}s", "timeout")
+            return Outcome.TIMEOUT
+        if not ex.status:
+            await self.reply_error(ex, send, 502, f"instance {url} failed: {exc}",
+                                   "bad_gateway")
+        return Outcome.ERROR
 
     def _first_byte_timeout(self, stream: bool) -> float:
         config = self.config
         first_byte = min(config.first_byte_timeout_secs, config.total_timeout_secs)
         return min(first_byte, config.stream_idle_timeout_secs) if stream else first_byte
 
-    async def _exchange(
-        self, ex: _Exchange, lease: Lease, head: bytes, body: bytes, stream: bool, send: Send
+    async def exchange(
+        self, ex: Exchange, lease: Lease, head: bytes, body: bytes, send: Send, *,
+        labels: tuple[str, str, str] | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (), screen: Screen | None = None,
+        upstream_id: str = "",
     ) -> Outcome:
+        """Send ``head`` and ``body`` to ``lease``'s instance and relay its answer to the
+        client (status and body unchanged); raises what ended it early.
+
+        ``labels``: ``inference_requests_total``'s worker labels (mixed, prefill, decode;
+        default: this instance as mixed); ``headers``: more response headers; ``screen``
+        sees the answer first; ``upstream_id``: the id ``head`` sends, when not the
+        client's.
+        """
         instance = lease.instance
+        stream = ex.stream
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.total_timeout_secs
         # A streaming instance answers headers at once; one that sends nothing for the idle
@@ -293,44 +345,51 @@ class Proxy:
         # One timer: the first-byte deadline, then moved to the total deadline.
         async with asyncio.timeout(first_byte) as timer:
             upstream = await self.pool.request(
-                instance.host_ip, instance.port, head, body, ex.request_id.encode("ascii")
+                instance.host_ip, instance.port, head, body,
+                (upstream_id or ex.request_id).encode("ascii"),
             )
             timer.reschedule(deadline)
             ex.first_byte_at = now = time.perf_counter()
             ex.upstream_status = upstream.status
             self.metrics.child(self.metrics.ttfb, ex.endpoint).observe(now - ex.started)
             self.metrics.child(
-                self.metrics.inference_requests, instance.url, "", "", str(upstream.status)
+                self.metrics.inference_requests, *(labels or (instance.url, "", "")),
+                str(upstream.status)
             ).inc()
-            headers = [
+            reply = [
                 (b"content-type", upstream.content_type),
                 (b"x-request-id", ex.request_id.encode("ascii")),
                 (b"x-router-instance-url", instance.url.encode()),
+                *headers,
             ]
             if stream and upstream.status == 200:
-                return await self._relay(ex, upstream, headers, send, instance.url)
+                return await self._relay(ex, upstream, reply, send, instance.url, screen)
             try:
                 data = await upstream.read()
             except BaseException:
                 upstream.close()
                 raise
             upstream.release()
+            if screen is not None:
+                screen.answer(upstream.status, data)
             ex.status = upstream.status
             ex.answer = data
-            headers.append((b"content-length", str(len(data)).encode()))
+            reply.append((b"content-length", str(len(data)).encode()))
             await send({"type": "http.response.start", "status": upstream.status,
-                        "headers": headers})
+                        "headers": reply})
             await send({"type": "http.response.body", "body": data})
             return Outcome.SUCCESS if upstream.status < 500 else Outcome.ERROR
 
     async def _relay(
-        self, ex: _Exchange, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]],
-        send: Send, url: str,
+        self, ex: Exchange, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]],
+        send: Send, url: str, screen: Screen | None = None,
     ) -> Outcome:
-        ex.status = upstream.status
         headers.append((b"cache-control", b"no-cache"))
-        await send({"type": "http.response.start", "status": upstream.status,
-                    "headers": headers})
+        start = {"type": "http.response.start", "status": upstream.status, "headers": headers}
+        held = b""  # what the screen has not let through yet
+        if screen is None:
+            ex.status = upstream.status
+            await send(start)
         done = False
         gap = self.config.stream_idle_timeout_secs
         loop = asyncio.get_running_loop()
@@ -341,15 +400,29 @@ class Proxy:
                 async for chunk in upstream.chunks():
                     idle.reschedule(loop.time() + gap)
                     previous, last = last, chunk
+                    if not ex.status:
+                        assert screen is not None
+                        held += chunk
+                        if not screen.ready(held):
+                            continue
+                        ex.status = upstream.status
+                        await send(start)
+                        chunk, held = held, b""
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not ex.status:  # the stream ended while held: the client has it all now
+                ex.status = upstream.status
+                await send(start)
+                await send({"type": "http.response.body", "body": held, "more_body": True})
             done = True
         except ResponseFailed as exc:
+            if not ex.status:
+                raise  # still held: the client has seen nothing, the dispatch answers
             await _end_stream(send, 502, f"instance {url} failed mid-stream: {exc}",
                               "bad_gateway")
             return Outcome.ERROR
         except TimeoutError:
-            if not idle.expired():
-                raise  # the total deadline: _route ends the stream
+            if not idle.expired() or not ex.status:
+                raise  # the total deadline, or still held: the dispatch answers
             await _end_stream(send, 504, f"instance {url} sent nothing for {gap}s "
                               "(proxy.stream-idle-timeout-secs)", "timeout")
             return Outcome.TIMEOUT
@@ -361,8 +434,8 @@ class Proxy:
         await send({"type": "http.response.body", "body": b""})
         return Outcome.SUCCESS
 
-    async def _reply_error(
-        self, ex: _Exchange, send: Send, status: int, message: str, type_: str,
+    async def reply_error(
+        self, ex: Exchange, send: Send, status: int, message: str, type_: str,
         param: str | None = None, retry_after: int | None = None, code: str | None = None,
     ) -> None:
         ex.status = status

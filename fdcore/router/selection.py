@@ -28,15 +28,19 @@ class Lease:
     ``total``.
     """
 
-    __slots__ = ("instance", "policy", "released", "request", "selector", "started")
+    __slots__ = ("instance", "policy", "released", "request", "selector", "started",
+                 "upstream_id")
 
     def __init__(
-        self, selector: Selector, request: RouteRequest, instance: Instance, policy: SelectionPolicy
+        self, selector: Selector, request: RouteRequest, instance: Instance,
+        policy: SelectionPolicy, upstream_id: str = "",
     ) -> None:
         self.selector = selector
         self.request = request
         self.instance = instance
         self.policy = policy
+        # The id the instance knows the request by (a prefill/decode retry sends a new one).
+        self.upstream_id = upstream_id or request.request_id
         self.released = False
         self.started = time.perf_counter()
         load = instance.load
@@ -108,8 +112,9 @@ class Saturated(NoInstance):
 
 
 class Selector:
-    """Holds one policy per role, the in-flight leases (for targeted aborts) and the outlier
-    detector the leases' outcomes feed.
+    """Holds one policy per role, the in-flight leases (for targeted aborts: ``inflight`` maps
+    a client's request id to every lease it holds, one in mixed mode, a prefill and a decode
+    one in splitwise mode) and the outlier detector the leases' outcomes feed.
 
     ``config`` supplies ``outlier:`` and ``proxy.max-inflight-per-instance`` (defaults when
     omitted); ``clock`` is the detector's.
@@ -130,21 +135,36 @@ class Selector:
         # The plugin that registered each role's policy, for error messages.
         self.plugins = dict(plugins or {})
         self.metrics = metrics
-        self.inflight: dict[str, Lease] = {}
+        self.inflight: dict[str, list[Lease]] = {}
         self.outliers = OutlierDetector(config.outlier, clock)
         self.max_inflight = config.proxy.max_inflight_per_instance
         self.retry_after = config.proxy.retry_after_secs
         metrics.track_ejections(self.outliers.is_ejected)
         instances.on_remove(self._forget)
 
-    async def acquire(self, request: RouteRequest, exclude: frozenset[str] = frozenset()) -> Lease:
-        """Pick an instance for ``request`` (skipping urls in ``exclude``) and count it in."""
+    async def acquire(
+        self, request: RouteRequest, exclude: frozenset[str] = frozenset(), *,
+        admit: Callable[[Instance], str | None] | None = None, upstream_id: str = "",
+    ) -> Lease:
+        """Pick an instance for ``request`` (skipping urls in ``exclude``) and count it in.
+
+        ``admit`` (when given) names why an instance cannot take the request (None: it can);
+        when it turns every candidate away, :class:`NoInstance` carries its reasons.
+        ``upstream_id``: the id the instance is sent, when not the request's own.
+        """
         role = request.role
         candidates = self.instances.healthy(role)
         if exclude:
             candidates = tuple(i for i in candidates if i.url not in exclude)
         if not candidates:
             raise NoInstance(role)
+        if admit is not None:
+            problems = {i.url: admit(i) for i in candidates}
+            admitted = tuple(i for i in candidates if problems[i.url] is None)
+            if not admitted:
+                raise NoInstance(role, f"no {role.value} instance can take this request: "
+                                 + "; ".join(f"{url}: {why}" for url, why in problems.items()))
+            candidates = admitted
         candidates = self.outliers.admit(candidates)
         cap = self.max_inflight
         if cap:
@@ -169,14 +189,34 @@ class Selector:
         if cap and instance.load.requests >= cap:  # filled by another request while selecting
             raise Saturated(role, cap, self.retry_after)
         self.metrics.child(self.metrics.selections, policy.name, role.value, instance.url).inc()
-        lease = Lease(self, request, instance, policy)
-        self.inflight[request.request_id] = lease
+        lease = Lease(self, request, instance, policy, upstream_id)
+        self.inflight.setdefault(request.request_id, []).append(lease)
         return lease
+
+    async def acquire_pair(
+        self, prefill: RouteRequest, decode: RouteRequest, exclude: frozenset[str],
+        compatible: Callable[[Instance, Instance], str | None], upstream_id: str = "",
+    ) -> tuple[Lease, Lease]:
+        """A prefill lease, then a decode lease among the decode instances ``compatible``
+        with it (None: they can pair; else why not). If no decode instance can be had, the
+        prefill lease is released (as not the instance's fault) before the error goes up."""
+        p = await self.acquire(prefill, exclude, upstream_id=upstream_id)
+        try:
+            d = await self.acquire(decode, exclude, upstream_id=upstream_id,
+                                   admit=lambda i: compatible(p.instance, i))
+        except BaseException:
+            p.release(Outcome.DISCONNECT)
+            raise
+        return p, d
 
     def finished(self, lease: Lease, outcome: Outcome) -> None:
         """Forget a released lease and count its outcome (called by :meth:`Lease.release`)."""
-        if self.inflight.get(lease.request.request_id) is lease:
-            del self.inflight[lease.request.request_id]
+        rid = lease.request.request_id
+        held = self.inflight.get(rid)
+        if held is not None and lease in held:
+            held.remove(lease)
+            if not held:
+                del self.inflight[rid]
         instance = lease.instance
         if self.outliers.record(instance, outcome, self.instances.healthy(instance.role)):
             self.metrics.child(self.metrics.ejections, instance.url).inc()

@@ -19,6 +19,7 @@ from fdcore.router.addresses import RegistrationRules
 from fdcore.router.health import HealthManager
 from fdcore.router.instances import InstanceRegistry
 from fdcore.router.metrics import RouterMetrics
+from fdcore.router.paired import PairedDispatch
 from fdcore.router.payload import PayloadError, parse_instance
 from fdcore.router.proxy import Proxy
 from fdcore.router.selection import Selector
@@ -156,6 +157,10 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
     selector = Selector(instances, policies, metrics, config, plugins=owners)
     load_register_file(config, instances)
     drain = Drain()
+    proxy = Proxy(selector, metrics, config.proxy, config.server.max_body_bytes, drain=drain,
+                  router_keys=bool(config.auth.api_keys or config.auth.admin_key))
+    if config.server.splitwise:
+        proxy.dispatch = PairedDispatch(proxy, config)
     return RouterState(
         config=config,
         plugins=plugins,
@@ -164,9 +169,7 @@ def build_state(config: RouterConfig, plugins: PluginSet) -> RouterState:
         health=HealthManager(instances, check, manager,
                              plugins.component("health_check", manager.health_check).plugin),
         selector=selector,
-        proxy=Proxy(selector, metrics, config.proxy, config.server.max_body_bytes,
-                    config.server.splitwise, drain=drain,
-                    router_keys=bool(config.auth.api_keys or config.auth.admin_key)),
+        proxy=proxy,
         stats=StatsLogger(instances, config.scheduler.stats_interval_secs),
         drain=drain,
         registration=RegistrationRules(config),

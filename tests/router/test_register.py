@@ -102,7 +102,8 @@ async def test_role_must_fit_the_mode(backends, router: RouterFactory) -> None:
     assert status == 200
     assert (await pd.get("/registered_number"))[1] == {"mixed": 0, "prefill": 0, "decode": 1}
     status, body, _ = await pd.post("/v1/completions", {"prompt": "x"})
-    assert status == 501 and "splitwise" in body["error"]["message"]
+    # A decode instance alone cannot serve a request in splitwise mode: no prefill to pair.
+    assert status == 503 and "no healthy prefill instance" in body["error"]["message"]
 
 
 async def test_register_file_loads_at_start(backends, router: RouterFactory) -> None:

@@ -18,11 +18,9 @@ from fdcore.engine.disagg.metrics import DisaggMetrics
 from fdcore.engine.runner import Tokenizer
 from fdcore.engine.sequence import Seq
 from fdcore.kv import KVLayout
-from fdcore.types import RequestOutput, Transport
+from fdcore.types import PD_ERROR, RequestOutput, Transport
 
 log = structlog.get_logger(__name__)
-
-PD_ERROR = "PD Error"  # the prefix routers retry on (FastDeploy's rule)
 
 
 @dataclass(frozen=True, slots=True)
