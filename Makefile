@@ -1,4 +1,5 @@
-# fdcore: `make run` starts the router with two local SmolLM2 engines; `make test` runs the tests.
+# fdcore: `make run` starts the router with two local SmolLM2 engines (`make run-pd`: one prefill
+# and one decode engine); `make test` runs the tests.
 # Both set everything up first (virtual environment, dependencies, the model file).
 
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODELS ?= models
 
-.PHONY: setup model run test lint clean pyverbs
+.PHONY: setup model run run-pd test lint clean pyverbs
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ model: setup
 
 run: setup model
 	$(VENV)/bin/fdcore serve --config examples/main/config.yaml
+
+# The same in prefill/decode mode: one prefill and one decode engine behind a splitwise router.
+run-pd: setup model
+	$(VENV)/bin/fdcore serve --config examples/pd/config.yaml
 
 lint: setup
 	$(VENV)/bin/ruff check .

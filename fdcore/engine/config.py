@@ -64,6 +64,16 @@ def _protocols(value: list[str]) -> list[str]:
 
 
 Protocols = Annotated[list[str], BeforeValidator(_split_csv), AfterValidator(_protocols)]
+
+
+def _one_rank(value: int) -> int:
+    if value != 1:
+        raise ValueError(f"{value}: this engine runs a model on one device; only 1 is supported "
+                         "(run more engines behind the router instead)")
+    return value
+
+
+OneRank = Annotated[int, AfterValidator(_one_rank)]
 CsvInt = Annotated[list[int], BeforeValidator(_split_csv)]
 Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -100,6 +110,11 @@ class EngineConfig(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights")
     served_model_name: str | None = Field(None, description="model name in the API")
     engine_worker_queue_port: int = Field(8002, ge=0, le=65535, description="registered only")
+    cache_queue_port: int = Field(
+        0, ge=0, le=65535, description="accepted for FastDeploy launch lines; unused (the KV "
+        "cache is sent by the engine itself, not a separate cache process)"
+    )
+    tensor_parallel_size: OneRank = Field(1, description="devices per model (1 only)")
     pd_comm_port: CsvInt = Field(default_factory=list, description="PD control ports")
     cache_transfer_protocol: Protocols = Field(
         ["ipc"], description="KV transports this engine offers, any of ipc,tcp,rdma"

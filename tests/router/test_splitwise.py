@@ -277,3 +277,32 @@ async def test_decode_refusal_is_retried_then_reported(
     text = await metrics(r.url)
     assert total(text, "fdcore_router_pd_reschedules_total", 'side="decode"') == 2
     await settled(r, p, d)
+
+
+async def test_fastdeploy_launch_lines(router: RouterFactory, engines: EngineFactory) -> None:
+    # FastDeploy's disaggregated-deployment lines: `router.launch --port P --splitwise` and
+    # api_server with its PD flags (ports, queue ports, protocols). ipc only, so without
+    # --rdma-comm-ports: this machine has no RDMA NIC.
+    r = router(args=["--splitwise", "--preempt-retry-count", "3",
+                     "--request-timeout-secs", "1800"])
+    flags = {}
+    for role in ("prefill", "decode"):
+        ports = [str(free_port()) for _ in range(4)]
+        flags[role] = ["--metrics-port", ports[0], "--engine-worker-queue-port", ports[1],
+                       "--cache-queue-port", ports[2], "--max-model-len", "32768",
+                       "--splitwise-role", role, "--cache-transfer-protocol", "ipc",
+                       "--pd-comm-port", ports[3],
+                       "--tensor-parallel-size", "1"]
+    (p,) = engines(1, router=r, flags=flags["prefill"])
+    (d,) = engines(1, router=r, flags=flags["decode"])
+    await r.wait_healthy(2)
+    _, registered = await r.get("/registered")
+    assert [i["url"] for i in registered["prefill"]] == [p.url]
+    assert [i["url"] for i in registered["decode"]] == [d.url]
+    status, health = await r.get("/health_generate")
+    assert status == 200 and {i["role"] for i in health["instances"]} == {"prefill", "decode"}
+    status, answer, headers = await complete(r, {"model": "sim", "prompt": "hi " * 30,
+                                                 "max_tokens": 5})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 5
+    assert headers["x-router-prefill-url"] == p.url
+    await settled(r, p, d)
