@@ -121,3 +121,37 @@ async def test_a_removed_instance_loses_its_breaker() -> None:
     assert selector.outliers.is_ejected(a.url)
     selector.instances.remove(a.url)
     assert selector.outliers.status(a.url)["ejections"] == 0
+
+
+def build_pd() -> tuple[Selector, Instance, Instance]:
+    registry = InstanceRegistry()
+    p = Instance("http://127.0.0.1:8100", Role.PREFILL, "127.0.0.1", 8100, 8100,
+                 transfer_protocol=["tcp"])
+    d = Instance("http://127.0.0.1:8200", Role.DECODE, "127.0.0.1", 8200, 8200,
+                 transfer_protocol=["ipc"])
+    for instance in (p, d):
+        registry.upsert(instance, healthy=True)
+    selector = Selector(registry, {Role.PREFILL: First(), Role.DECODE: First()},
+                        RouterMetrics(registry))
+    return selector, p, d
+
+
+async def test_a_pair_that_cannot_form_leaks_no_prefill_counter() -> None:
+    selector, p, d = build_pd()
+
+    def incompatible(prefill: Instance, decode: Instance) -> str | None:
+        return "no KV transfer protocol in common"
+
+    pr = RouteRequest("r1", "chat", "hi", {}, 5, Role.PREFILL)
+    dr = RouteRequest("r1", "chat", "hi", {}, 5, Role.DECODE)
+    with pytest.raises(NoInstance, match=f"{d.url}: no KV transfer protocol in common"):
+        await selector.acquire_pair(pr, dr, frozenset(), incompatible)
+    assert (p.load.requests, p.load.tokens, d.load.requests) == (0, 0, 0)
+    assert not selector.inflight
+
+    pair = await selector.acquire_pair(pr, dr, frozenset(), lambda a, b: None, "r1-retry1")
+    assert [lease.instance for lease in selector.inflight["r1"]] == [p, d]
+    assert {lease.upstream_id for lease in pair} == {"r1-retry1"}
+    for lease in pair:
+        lease.release(Outcome.SUCCESS)
+    assert (p.load.requests, d.load.requests) == (0, 0) and not selector.inflight
