@@ -77,6 +77,7 @@ class TcpLink:
         self._sock: socket.socket | None = None
         self._window: PoolWindow | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     async def write(
         self, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
@@ -90,6 +91,8 @@ class TcpLink:
                                 "nbytes": nbytes})
         timeout = self.transport.config.timeout_secs
         async with self._lock:
+            if self._closed:
+                raise ConnectionError(f"tcp: the link to {self._where()} is closed")
             try:
                 async with asyncio.timeout(timeout):
                     return await self._send(FRAME.pack(MAGIC, VERSION, len(header)) + header,
@@ -119,9 +122,14 @@ class TcpLink:
         return int(landed)
 
     async def close(self) -> None:
-        """Close the connection (idempotent)."""
-        self._drop()
+        """Close the connection once a write in flight on it has ended (idempotent); later
+        writes fail. Never under a write: its socket may be registered with the event loop,
+        and a descriptor closed there is soon reused by another connection, which the
+        write's clean-up would then unregister (the engine's HTTP connections hung so)."""
+        self._closed = True
         self.transport.links.discard(self)
+        async with self._lock:
+            self._drop()
 
     async def _connected(self) -> socket.socket:
         if self._sock is None:

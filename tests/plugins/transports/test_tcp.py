@@ -84,6 +84,23 @@ async def test_writes_at_once_on_one_link_take_turns(pair: tuple[Any, Any]) -> N
     assert torch.equal(receiver.context.pool[:, :, 8:], sender.context.pool[:, :, :8].flip(2))
 
 
+async def test_closing_a_link_under_writes_lets_them_finish_first(pair: tuple[Any, Any]) -> None:
+    # A failed hand-off closes its link while other hand-offs to the same receiver are still
+    # writing on it: their socket must stay open (and registered) until they are done, or its
+    # descriptor is reused by another connection that their clean-up then unregisters.
+    sender, receiver = pair
+    link = await sender.connect(await receiver.expose())
+    writes = [asyncio.ensure_future(link.write([b], [15 - b])) for b in range(8)]
+    await asyncio.sleep(0)  # the first write holds the link and waits on its socket
+    await within(link.close())
+    results = await within(asyncio.gather(*writes, return_exceptions=True))
+    assert results[0] == 3 * 2 * LAYOUT.block_bytes  # the write under way finished
+    assert all(isinstance(r, ConnectionError) and "closed" in str(r) for r in results[1:])
+    assert link._sock is None
+    with pytest.raises(ConnectionError, match="closed"):
+        await link.write([0], [0])
+
+
 async def test_a_refused_write_lands_nothing_and_the_sender_is_told(
     pair: tuple[Any, Any],
 ) -> None:
