@@ -101,7 +101,7 @@ class RouterMetrics:
             "selection", ["instance"], registry=reg,
         )
         self.pd_decisions = Counter(
-            "fdcore_router_pd_decisions", "Splitwise mode: how each request was served "
+            "fdcore_router_pd_decisions", "Splitwise mode: how each attempt was served "
             "(disaggregated: a prefill/decode pair; decode_only: a decode instance alone) "
             "and why", ["decision", "reason"], registry=reg,
         )

@@ -306,3 +306,22 @@ async def test_fastdeploy_launch_lines(router: RouterFactory, engines: EngineFac
     assert status == 200 and answer["usage"]["completion_tokens"] == 5
     assert headers["x-router-prefill-url"] == p.url
     await settled(r, p, d)
+
+
+async def test_cache_aware_picks_the_prefill_instance(router: RouterFactory,
+                                                      engines: EngineFactory) -> None:
+    # cache_aware as the prefill policy: the same prompt prefix goes back to the same P.
+    r = splitwise_router(router, scheduler={"prefill-policy": "cache_aware"})
+    pd_engines(engines, r, "prefill", 2)
+    (d,) = pd_engines(engines, r, "decode")
+    await r.wait_healthy(3)
+    prompt = "a long shared system prompt that the prefill cache keeps " * 6
+    chosen = set()
+    for i in range(3):
+        status, answer, headers = await complete(r, {"model": "sim", "max_tokens": 2,
+                                                     "prompt": f"{prompt} question {i}"})
+        assert status == 200, answer
+        chosen.add(headers["x-router-prefill-url"])
+    assert len(chosen) == 1
+    text = await metrics(r.url)
+    assert total(text, "fdcore_router_selections_total", 'policy="cache_aware",role="prefill"') == 3
