@@ -321,6 +321,7 @@ async def test_cache_aware_picks_the_prefill_instance(router: RouterFactory,
         status, answer, headers = await complete(r, {"model": "sim", "max_tokens": 2,
                                                      "prompt": f"{prompt} question {i}"})
         assert status == 200, answer
+        assert headers["x-router-decode-url"] == d.url
         chosen.add(headers["x-router-prefill-url"])
     assert len(chosen) == 1
     text = await metrics(r.url)
