@@ -557,7 +557,12 @@ class HealthContext:
 class SchedulerContext:
     """What an engine hands its scheduler: who it is, its role and how big its pages are.
 
-    New fields will have defaults.
+    ``card`` is what the engine registers with a router (FastDeploy's register payload plus
+    ``kv_layout``): a scheduler that pairs prefill and decode instances itself publishes it.
+    ``cancel(request_id)`` takes a request this engine runs out of its batch at the next step
+    (its hand-off included, blocks freed); the engine sets it once built, so a scheduler whose
+    requests' clients wait elsewhere can stop work nobody waits for. New fields will have
+    defaults.
     """
 
     instance_id: str
@@ -565,3 +570,5 @@ class SchedulerContext:
     port: int
     block_size: int
     role: Role = Role.MIXED
+    card: dict[str, Any] = field(default_factory=dict)
+    cancel: Callable[[str], None] | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -144,7 +144,7 @@ def build_engine(
     if pd is not None:
         pd.bind(EngineParts(
             batcher=batcher, blocks=blocks, tokenizer=model.tokenizer,
-            finish=loop.finish_reason, emit=_emitter(config.splitwise_role, scheduler, serving),
+            finish=loop.finish_reason, emit=_emitter(config.splitwise_role, scheduler, loop),
             abort=loop.request_abort,
             on_admit=lambda seq: metrics.on_admit(seq.prompt_len, seq.num_cached_tokens)))
     name = config.served_model_name or model.name
@@ -162,17 +162,12 @@ def build_engine(
 
 
 def _emitter(
-    role: Role, scheduler: Scheduler, serving: Serving
+    role: Role, scheduler: Scheduler, loop: EngineLoop
 ) -> Callable[[list[RequestOutput]], Awaitable[None]]:
-    """Where the hand-off's own outputs go: P's requests came through the scheduler, D's went
-    straight to the hand-off."""
-    if role is Role.PREFILL:
-        return scheduler.put_results
-
-    async def deliver(outputs: list[RequestOutput]) -> None:
-        serving.deliver(outputs)
-
-    return deliver
+    """Where the hand-off's own outputs go: P's requests came through the scheduler; D's
+    went straight to the hand-off, from the API or from a pairing scheduler
+    (:meth:`EngineLoop.hand_out` tells which)."""
+    return scheduler.put_results if role is Role.PREFILL else loop.hand_out
 
 
 def _pd(
@@ -203,10 +198,9 @@ def kv_layout_of(model: LoadedModel) -> KVLayout | None:
                     dtype=str(keys.dtype).removeprefix("torch."), model=model.name)
 
 
-def _registrar(
-    config: EngineConfig, router: str, host_ip: str, layout: KVLayout | None
-) -> Registrar:
-    payload = register_payload(
+def engine_card(config: EngineConfig, host_ip: str, layout: KVLayout | None) -> dict[str, Any]:
+    """What this engine registers with a router (and a pairing scheduler publishes)."""
+    return register_payload(
         role=config.splitwise_role.value, host_ip=host_ip, port=config.port,
         metrics_port=config.metrics_port or config.port,
         connector_port=config.pd_comm_port[0] if config.pd_comm_port else 0,
@@ -215,6 +209,12 @@ def _registrar(
         rdma_ports=config.rdma_comm_ports, device_ids=config.device_ids,
         kv_layout=None if layout is None else kv_layout_payload(layout),
     )
+
+
+def _registrar(
+    config: EngineConfig, router: str, host_ip: str, layout: KVLayout | None
+) -> Registrar:
+    payload = engine_card(config, host_ip, layout)
     local = "127.0.0.1" if config.host in ("", "0.0.0.0", "::") else host_ip
     health_url = f"http://{local}:{config.port}/health"
     return Registrar(router, payload, config.register_interval, health_url,

@@ -62,6 +62,9 @@ class EngineLoop:
         # Where outputs of sequences that bypass the scheduler go (set by the engine to its
         # API's Serving.deliver).
         self.deliver: Callable[[list[RequestOutput]], None] = lambda outputs: None
+        # On D: hand-offs a pairing scheduler (``splitwise``) queued here; their outputs go
+        # back through it, to the instance whose client waits.
+        self._scheduled: set[str] = set()
         self._aborts: list[tuple[set[str], asyncio.Future[None]]] = []
         self._executor = torch_executor()
         self._task: asyncio.Task[None] | None = None
@@ -115,6 +118,7 @@ class EngineLoop:
             requests = await self.scheduler.get_requests(
                 capacity, timeout=0.0 if self.batcher.has_work() else idle
             )
+            requests = [r for r in requests if not self._take_over(r)]
             rejected = [self._reject(r) for r in requests if not self._fits(r)]
             for request in requests:
                 if self._fits(request):
@@ -229,11 +233,29 @@ class EngineLoop:
             error_code=400,
         )
 
+    def _take_over(self, request: EngineRequest) -> bool:
+        """On D: a hand-off a pairing scheduler queued here joins the hand-off, not the batch
+        (its reservation, not admission, decides whether it fits)."""
+        if self.pd is None or not self.pd.takes(request):
+            return False
+        self._scheduled.add(request.request_id)
+        return True
+
+    async def hand_out(self, outputs: list[RequestOutput]) -> None:
+        """Outputs of P-D hand-offs taken over on D: back through the scheduler when it queued
+        them here, else straight to this engine's API (the router sent them)."""
+        scheduled = [o for o in outputs if o.request_id in self._scheduled]
+        if len(scheduled) < len(outputs):
+            self.deliver([o for o in outputs if o.request_id not in self._scheduled])
+        if scheduled:
+            self._scheduled.difference_update(o.request_id for o in scheduled if o.finished)
+            await self.scheduler.put_results(scheduled)
+
     async def _publish(self, outputs: list[RequestOutput], direct: set[str]) -> None:
-        """Outputs to their clients: through the scheduler, or straight to the API for
-        sequences that never went through it (P-D hand-offs taken over on D)."""
+        """Outputs to their clients: through the scheduler, or (P-D hand-offs taken over on
+        D) as :meth:`hand_out` says."""
         if direct:
-            self.deliver([o for o in outputs if o.request_id in direct])
+            await self.hand_out([o for o in outputs if o.request_id in direct])
             outputs = [o for o in outputs if o.request_id not in direct]
         await self.scheduler.put_results(outputs)
 
@@ -244,7 +266,7 @@ class EngineLoop:
         adopted = self.pd.take_adopted()
         if not adopted:
             return
-        self.deliver([output for _, output in adopted])
+        await self.hand_out([output for _, output in adopted])
         for seq, output in adopted:
             if output.finished:
                 self.blocks.free(seq.table)
@@ -254,6 +276,7 @@ class EngineLoop:
     def _apply_aborts(self) -> None:
         for ids, done in self._aborts:
             for rid in ids:
+                self._scheduled.discard(rid)
                 seq = self.batcher.find(rid)
                 if seq is not None:
                     self.batcher.remove(seq)

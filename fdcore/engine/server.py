@@ -14,7 +14,7 @@ from fdcore import __version__
 from fdcore.engine.app import build_app, build_metrics_app
 from fdcore.engine.config import SCHEDULER_PREFIX, EngineConfig
 from fdcore.engine.disagg.transports import build_transports, pool_allocator
-from fdcore.engine.engine import build_engine
+from fdcore.engine.engine import build_engine, engine_card, kv_layout_of
 from fdcore.engine.loader import LoadedModel, load
 from fdcore.engine.registration import advertised_ip
 from fdcore.engine.torch_thread import on_torch_thread
@@ -78,12 +78,13 @@ async def _serve(
 ) -> None:
     host_ip = advertised_ip(config.host)
     metrics_port = config.metrics_port or config.port
-    scheduler = component.cls(
-        sched_config,
-        SchedulerContext(f"{host_ip}:{config.port}", host_ip, config.port, config.block_size,
-                         role=config.splitwise_role),
+    context = SchedulerContext(
+        f"{host_ip}:{config.port}", host_ip, config.port, config.block_size,
+        role=config.splitwise_role, card=engine_card(config, host_ip, kv_layout_of(model)),
     )
+    scheduler = component.cls(sched_config, context)
     engine = build_engine(config, model, scheduler, host_ip, transports)
+    context.cancel = engine.loop.request_abort
     apps: list[tuple[ASGIApp, int]] = [(build_app(engine), config.port)]
     if metrics_port != config.port:
         apps.append((build_metrics_app(engine), metrics_port))

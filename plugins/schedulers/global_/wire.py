@@ -26,10 +26,12 @@ class Queued:
     ticket: str
     queued_at: float  # wall-clock seconds: compared across machines against ``ttl``
     request: EngineRequest
+    reply: str = ""  # where outputs go ("": the origin's results list; ``splitwise``: a stream)
 
     def encode(self) -> bytes:
         """``<prompt_len> <ticket> <json>``: the Lua admission reads the prefix only."""
-        body = encode({"origin": self.origin, "queued_at": self.queued_at, "request": self.request})
+        body = encode({"origin": self.origin, "queued_at": self.queued_at,
+                       "request": self.request, "reply": self.reply})
         return f"{self.request.prompt_len} {self.ticket} ".encode() + body
 
     @classmethod
@@ -38,7 +40,7 @@ class Queued:
         _, ticket, body = raw.split(b" ", 2)
         data = orjson.loads(body)
         return cls(data["origin"], ticket.decode(), data["queued_at"],
-                   decode_request(data["request"]))
+                   decode_request(data["request"]), data.get("reply", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,10 @@ class Claim:
 
     by: str
     tickets: list[str]
+
+    def encode(self) -> bytes:
+        """The JSON the ``global`` scheduler's Lua ``take`` writes too."""
+        return orjson.dumps({"claim": self.tickets, "by": self.by})
 
 
 @dataclass(frozen=True, slots=True)

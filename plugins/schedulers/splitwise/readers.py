@@ -1,0 +1,60 @@
+"""The origin's readers: each follows one of its output streams from the last entry it read.
+
+A stream entry is deleted once read. A read whose reply was lost (a dropped connection, a
+Redis restart) is simply read again from the same position, so a reader that restarts neither
+loses nor repeats an output (a list popped with ``RPOP``, FastDeploy's design, loses the batch
+whose reply never arrived).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from redis.exceptions import RedisError
+
+from fdcore.redis import Backoff, RedisLink
+
+_BLOCK_MS = 1000
+
+
+class Reader:
+    """Follows stream ``key``; hands each batch of messages to ``on_messages``."""
+
+    def __init__(self, link: RedisLink, key: str, batch: int,
+                 on_messages: Callable[[list[bytes]], None]) -> None:
+        self.link = link
+        self.key = key
+        self.batch = batch
+        self.on_messages = on_messages
+        self.last = "0-0"
+
+    async def run(self) -> None:
+        """Read forever."""
+        backoff = Backoff()
+        while True:
+            try:
+                reply = await self.link.blocking.xread({self.key: self.last}, count=self.batch,
+                                                       block=_BLOCK_MS)
+            except RedisError as exc:
+                self.link.down(exc)
+                await backoff.wait()
+                continue
+            self.link.up()
+            backoff.reset()
+            entries = _entries(reply)
+            if not entries:
+                continue
+            self.last = entries[-1][0]
+            self.on_messages([fields[b"m"] for _, fields in entries if b"m" in fields])
+            try:
+                await self.link.client.xdel(self.key, *(entry_id for entry_id, _ in entries))
+            except RedisError as exc:  # they expire with the stream; reading goes on past them
+                self.link.down(exc)
+
+
+def _entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:
+    if not reply:
+        return []
+    _, entries = cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply)[0]
+    return [(entry_id.decode(), fields) for entry_id, fields in entries]
