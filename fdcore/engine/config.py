@@ -115,6 +115,11 @@ class EngineConfig(StrictModel):
         "cache is sent by the engine itself, not a separate cache process)"
     )
     tensor_parallel_size: OneRank = Field(1, description="devices per model (1 only)")
+    quantization: str | None = Field(
+        None, max_length=64, description="accepted for FastDeploy launch lines and ignored, "
+        "with a warning: weights run as the model file stores them (a GGUF file carries its "
+        "own quantization)"
+    )
     pd_comm_port: CsvInt = Field(default_factory=list, description="PD control ports")
     cache_transfer_protocol: Protocols = Field(
         ["ipc"], description="KV transports this engine offers, any of ipc,tcp,rdma"

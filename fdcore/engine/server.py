@@ -57,6 +57,9 @@ def serve(config: EngineConfig, options: dict[str, Any], origin: dict[str, str])
                                    host=host_ip, instance_id=f"{host_ip}:{config.port}",
                                    ports=[int(p) for p in config.rdma_comm_ports])
                   if config.splitwise_role is not Role.MIXED else {})
+    if config.quantization:
+        log.warning("engine.flag_ignored", flag="--quantization", value=config.quantization,
+                    reason="weights run as the model file stores them")
     log.info("engine.loading", model=config.model, device=config.device)
     started = time.perf_counter()
     allocate = pool_allocator(transports, config.device) if transports else None

@@ -80,13 +80,17 @@ class Ledger:
         """Credit an output to its request (by ticket when it ran elsewhere).
 
         Returns what the client should see: the output under the client's id, a failure when
-        earlier outputs went missing, or None when the request is no longer booked.
+        earlier outputs went missing, or None when the request is no longer booked or the
+        output repeats tokens already credited.
         """
         own = self._by_ticket.get(ticket) if ticket else self._by_id.get(output.request_id)
         if own is None:
             return None
         request = own.queued.request
         own.heard_at = time.monotonic()
+        if (output.error is None and output.token_ids
+                and output.completion_tokens <= own.tokens):
+            return None  # a repeat (a write retried after its reply was lost): seen already
         if output.error is None and output.completion_tokens != own.tokens + len(output.token_ids):
             output = failure(
                 request, f"request {request.request_id}: outputs sent by {own.executor} were "

@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 ABORT = b"!abort "  # an abort note in a queue: ``!abort <ticket>``
 _BLOCK_SECONDS = 1.0
+_RENEW_SECS = 1.0  # a stream's TTL is renewed at most this often (a new stream gets it at once)
 
 
 @dataclass(slots=True)
@@ -67,6 +68,11 @@ class Executor:
         self._work = asyncio.Event()
         self._ttl = math.ceil(config.ttl)
         self._writes = asyncio.Semaphore(config.writer_parallel)
+        # Outputs wait here for the writer task: the engine's step never waits on Redis, and
+        # whatever piles up meanwhile goes out in one pipeline per stream.
+        self._pending: dict[str, list[bytes]] = {}
+        self._flush = asyncio.Event()
+        self._expires: dict[str, float] = {}  # stream -> monotonic time its TTL was renewed
 
     @property
     def load(self) -> int:
@@ -112,8 +118,8 @@ class Executor:
                 continue  # its origin has failed it by now
             self._book(queued)
             claims.setdefault(queued.reply, []).append(queued.ticket)
-        await self._send({reply: [Claim(self.name, tickets).encode()]
-                          for reply, tickets in claims.items()})
+        for reply, tickets in claims.items():
+            self._post(reply, Claim(self.name, tickets).encode())
         self._work.set()
 
     def _book(self, queued: Queued) -> None:
@@ -174,8 +180,7 @@ class Executor:
         return len(self._ready)
 
     async def put_results(self, results: Sequence[RequestOutput]) -> None:
-        """Send outputs to their origins (a hand-off's own answer on P stays here)."""
-        outgoing: dict[str, list[bytes]] = {}
+        """Queue outputs for their origins (a hand-off's own answer on P stays here)."""
         now = time.monotonic()
         for output in results:
             job = self.jobs.get(output.request_id)
@@ -187,9 +192,19 @@ class Executor:
                 self._by_ticket.pop(job.queued.ticket, None)
             if job.handoff and self.role is Role.PREFILL and output.error is None:
                 continue
-            outgoing.setdefault(job.queued.reply, []).append(
-                Result(job.queued.ticket, output).encode())
-        await self._send(outgoing)
+            self._post(job.queued.reply, Result(job.queued.ticket, output).encode())
+
+    def _post(self, key: str, message: bytes) -> None:
+        self._pending.setdefault(key, []).append(message)
+        self._flush.set()
+
+    async def write(self) -> None:
+        """Write what is pending, in order, forever (one batch at a time)."""
+        while True:
+            await self._flush.wait()
+            self._flush.clear()
+            pending, self._pending = self._pending, {}
+            await self._send(pending)
 
     async def _send(self, outgoing: dict[str, list[bytes]]) -> None:
         chunks = [(key, messages[i:i + self.config.writer_batch_size])
@@ -199,13 +214,18 @@ class Executor:
             await asyncio.gather(*(self._write(key, chunk) for key, chunk in chunks))
 
     async def _write(self, key: str, messages: list[bytes]) -> None:
+        now = time.monotonic()
+        renew = now - self._expires.get(key, -math.inf) >= _RENEW_SECS
         async with self._writes:
             try:
                 async with self.link.client.pipeline(transaction=False) as pipe:
                     for message in messages:
                         pipe.xadd(key, {"m": message})
-                    pipe.expire(key, self._ttl)
+                    if renew:
+                        pipe.expire(key, self._ttl)
                     await pipe.execute()
+                if renew:
+                    self._expires[key] = now
             except RedisError as exc:
                 self.link.down(exc)
                 log.warning("splitwise.outputs_lost", stream=key, outputs=len(messages),

@@ -1,13 +1,15 @@
 """The origin's readers: each follows one of its output streams from the last entry it read.
 
-A stream entry is deleted once read. A read whose reply was lost (a dropped connection, a
-Redis restart) is simply read again from the same position, so a reader that restarts neither
-loses nor repeats an output (a list popped with ``RPOP``, FastDeploy's design, loses the batch
-whose reply never arrived).
+Entries already read are trimmed off the stream (at most once a second). A read whose reply
+was lost (a dropped connection, a Redis restart) is simply read again from the same position,
+so a reader that restarts neither loses nor repeats an output (a list popped with ``RPOP``,
+FastDeploy's design, loses the batch whose reply never arrived).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -16,6 +18,7 @@ from redis.exceptions import RedisError
 from fdcore.redis import Backoff, RedisLink
 
 _BLOCK_MS = 1000
+_TRIM_SECS = 1.0  # read entries are trimmed at most this often (one command, not one per read)
 
 
 class Reader:
@@ -28,6 +31,7 @@ class Reader:
         self.batch = batch
         self.on_messages = on_messages
         self.last = "0-0"
+        self._trimmed_at = -math.inf
 
     async def run(self) -> None:
         """Read forever."""
@@ -47,10 +51,12 @@ class Reader:
                 continue
             self.last = entries[-1][0]
             self.on_messages([fields[b"m"] for _, fields in entries if b"m" in fields])
-            try:
-                await self.link.client.xdel(self.key, *(entry_id for entry_id, _ in entries))
-            except RedisError as exc:  # they expire with the stream; reading goes on past them
-                self.link.down(exc)
+            if time.monotonic() - self._trimmed_at >= _TRIM_SECS:
+                try:  # what was read goes; entries left over expire with the stream
+                    await self.link.client.xtrim(self.key, minid=self.last)
+                except RedisError as exc:
+                    self.link.down(exc)
+                self._trimmed_at = time.monotonic()
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[bytes, bytes]]]:

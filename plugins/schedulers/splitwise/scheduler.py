@@ -116,7 +116,8 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         except RedisError as exc:
             raise StartupError(f"{self.link.owner}: Redis at {self.link.address}: {exc}") from None
         loops: list[Coroutine[Any, Any, None]] = [
-            self.cluster.heartbeat.run(), self.executor.run(), self._watch(),
+            self.cluster.heartbeat.run(), self.executor.run(), self.executor.write(),
+            self._watch(),
             *(reader.run() for reader in self.readers),
         ]
         self._tasks = [asyncio.create_task(loop, name="splitwise-scheduler") for loop in loops]

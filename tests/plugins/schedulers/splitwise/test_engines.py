@@ -230,3 +230,52 @@ def test_redis_restart_mid_run(
     status, body = complete(p, "after the restart")
     assert status == 200, body
     wait_until(lambda: at_baseline(p) and at_baseline(d), timeout=FAILURE_SECS)
+
+
+def test_readers_cut_off_mid_stream_lose_and_repeat_nothing(
+    start_splitwise: StartSplitwise, redis_server: RedisServer, slow_decode: Path,
+    reference: Callable[[str], str],
+) -> None:
+    """Redis drops the origin's reading connections again and again during a stream: each
+    reader reads again from where it was, and the client's text is exactly the reference."""
+    p = start_splitwise("prefill")
+    d = start_splitwise("decode", profile=slow_decode)
+    registered(redis_server, 2)
+    admin = redis_server.client()
+    prompt = "cut off " * 10
+    expected = reference(prompt)
+    client = OpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0,
+                    timeout=FAILURE_SECS)
+    stream = client.completions.create(model="sim", prompt=prompt, max_tokens=MAX_TOKENS,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    texts = []
+    killed = 0
+    for chunk in stream:
+        texts.extend(c.text for c in chunk.choices)
+        for line in admin.execute_command("CLIENT", "LIST").decode().splitlines():
+            fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+            if fields.get("cmd") == "xread":
+                admin.execute_command("CLIENT", "KILL", "ID", fields["id"])
+                killed += 1
+    assert killed >= MAX_TOKENS // 2
+    assert "".join(texts) == expected
+    wait_until(lambda: at_baseline(p) and at_baseline(d))
+    admin.close()
+
+
+def test_same_request_id_on_two_origins(
+    start_splitwise: StartSplitwise, redis_server: RedisServer,
+    reference: Callable[[str], str],
+) -> None:
+    """Ids are unique per origin only; in the cluster each runs under a namespaced one."""
+    p = start_splitwise("prefill")
+    d = start_splitwise("decode")
+    registered(redis_server, 2)
+    jobs = [(p, "first prompt of two"), (d, "second prompt, another client")]
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda job: complete(job[0], job[1], request_id="same-id"),
+                                jobs))
+    for (_, prompt), (status, body) in zip(jobs, answers, strict=True):
+        assert status == 200, body
+        assert body["choices"][0]["text"] == reference(prompt)
