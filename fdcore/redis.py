@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -37,9 +37,11 @@ __all__ = [
     "decode_output",
     "decode_request",
     "encode",
+    "until_done",
 ]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # LPOP with a count and SET ... GET.
 MIN_REDIS_VERSION = (6, 2)
@@ -166,6 +168,21 @@ class Backoff:
         """Sleep, then double the next wait (up to a cap)."""
         await asyncio.sleep(self._delay)
         self._delay = min(self._delay * 2, _BACKOFF_MAX)
+
+
+async def until_done(link: RedisLink, backoff: Backoff, op: Callable[[], Awaitable[T]]) -> T:
+    """``op()``'s result, retried with ``backoff`` while it fails with a Redis error (each
+    failure marks ``link`` down, the success marks it up): a background loop's one step."""
+    while True:
+        try:
+            result = await op()
+        except RedisError as exc:
+            link.down(exc)
+            await backoff.wait()
+            continue
+        link.up()
+        backoff.reset()
+        return result
 
 
 class Heartbeat:

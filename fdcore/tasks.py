@@ -26,3 +26,18 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
         async with asyncio.timeout(timeout):
             await event.wait()
     return event.is_set()
+
+
+async def cancel_stubborn(tasks: list[asyncio.Task[Any]], attempts: int = 50,
+                          interval: float = 0.1) -> list[str]:
+    """Cancel ``tasks`` again and again (every ``interval`` s, ``attempts`` times at most) until
+    they have all stopped: a cancellation that lands inside a redis-py command can be
+    swallowed by it. Returns the names of those still running (shut-down never hangs on one)."""
+    pending = set(tasks)
+    for _ in range(attempts):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=interval)
+    return sorted(task.get_name() for task in pending)

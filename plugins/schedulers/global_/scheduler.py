@@ -22,7 +22,7 @@ from fdcore.bases import BaseScheduler
 from fdcore.errors import StartupError
 from fdcore.outbox import Outbox
 from fdcore.redis import RedisLink
-from fdcore.tasks import wait_event
+from fdcore.tasks import cancel_stubborn, wait_event
 from fdcore.types import (
     Capacity,
     EngineRequest,
@@ -42,7 +42,6 @@ from .watchdog import Watchdog
 from .wire import Claim, Queued, Result, decode_message
 
 log = structlog.get_logger(__name__)
-_STOP_ATTEMPTS = 50  # x 0.1 s: how long stop() keeps cancelling its loops
 
 
 class GlobalScheduler(BaseScheduler[GlobalConfig]):
@@ -95,17 +94,9 @@ class GlobalScheduler(BaseScheduler[GlobalConfig]):
 
     async def stop(self) -> None:
         """Stop the loops; leave Redis as if this instance had never been there."""
-        pending = set(self._tasks)
-        for _ in range(_STOP_ATTEMPTS):
-            if not pending:
-                break
-            # A cancellation that lands inside a redis-py command can be swallowed by it.
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
-        if pending:  # never hang shut-down on a loop that keeps swallowing cancellation
-            log.warning("global_scheduler.stop_incomplete",
-                        tasks=sorted(t.get_name() for t in pending))
+        stuck = await cancel_stubborn(self._tasks)
+        if stuck:
+            log.warning("global_scheduler.stop_incomplete", tasks=stuck)
         with contextlib.suppress(RedisError):
             await self.queues.reset()
             await self.link.client.delete(self.queues.keys.alive)

@@ -24,7 +24,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from fdcore.engine.disagg.info import DISAGG_KEY
-from fdcore.redis import Backoff, RedisLink
+from fdcore.redis import Backoff, RedisLink, until_done
 from fdcore.tasks import wait_event
 from fdcore.types import Capacity, EngineRequest, RequestOutput, Role
 
@@ -87,19 +87,16 @@ class Executor:
         """Pop this instance's queue forever."""
         backoff = Backoff()
         key = self.keys.queue(self.name)
+
+        async def pop() -> list[bytes]:
+            first = await self.link.blocking.blpop([key], timeout=_BLOCK_SECONDS)
+            if not first:
+                return []
+            rest = await self.link.client.lpop(key, self.config.reader_batch_size)
+            return [cast(bytes, first[1]), *cast(list[bytes], rest or [])]
+
         while True:
-            try:
-                first = await self.link.blocking.blpop([key], timeout=_BLOCK_SECONDS)
-                batch = [cast(bytes, first[1])] if first else []
-                if first:
-                    rest = await self.link.client.lpop(key, self.config.reader_batch_size)
-                    batch += cast(list[bytes], rest or [])
-            except RedisError as exc:
-                self.link.down(exc)
-                await backoff.wait()
-                continue
-            self.link.up()
-            backoff.reset()
+            batch = await until_done(self.link, backoff, pop)
             if batch:
                 await self._intake(batch)
 

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from redis.exceptions import RedisError
 
-from fdcore.redis import Backoff, RedisLink
+from fdcore.redis import Backoff, RedisLink, until_done
 
 _BLOCK_MS = 1000
 _TRIM_SECS = 1.0  # read entries are trimmed at most this often (one command, not one per read)
@@ -36,17 +36,13 @@ class Reader:
     async def run(self) -> None:
         """Read forever."""
         backoff = Backoff()
+
+        async def read() -> Any:
+            return await self.link.blocking.xread({self.key: self.last}, count=self.batch,
+                                                  block=_BLOCK_MS)
+
         while True:
-            try:
-                reply = await self.link.blocking.xread({self.key: self.last}, count=self.batch,
-                                                       block=_BLOCK_MS)
-            except RedisError as exc:
-                self.link.down(exc)
-                await backoff.wait()
-                continue
-            self.link.up()
-            backoff.reset()
-            entries = _entries(reply)
+            entries = _entries(await until_done(self.link, backoff, read))
             if not entries:
                 continue
             self.last = entries[-1][0]

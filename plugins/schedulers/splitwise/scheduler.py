@@ -29,6 +29,7 @@ from fdcore.errors import StartupError
 from fdcore.outbox import Outbox
 from fdcore.redis import RedisLink
 from fdcore.router.pairing import disaggregate_info
+from fdcore.tasks import cancel_stubborn
 from fdcore.types import (
     Capacity,
     EngineRequest,
@@ -48,7 +49,6 @@ from .picker import NoPlacement, Placement, place
 from .readers import Reader
 
 log = structlog.get_logger(__name__)
-_STOP_ATTEMPTS = 50  # x 0.1 s: how long stop() keeps cancelling its loops
 
 
 @dataclass(slots=True)
@@ -126,15 +126,9 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
 
     async def stop(self) -> None:
         """Stop the loops; leave Redis as if this instance had never been there."""
-        pending = set(self._tasks)
-        for _ in range(_STOP_ATTEMPTS):
-            if not pending:
-                break
-            for task in pending:  # a cancellation inside a redis-py command can be swallowed
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
-        if pending:
-            log.warning("splitwise_scheduler.stop_incomplete", tasks=len(pending))
+        stuck = await cancel_stubborn(self._tasks)
+        if stuck:
+            log.warning("splitwise_scheduler.stop_incomplete", tasks=stuck)
         with contextlib.suppress(RedisError):
             await self.cluster.withdraw()
             await self._reset()
