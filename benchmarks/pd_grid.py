@@ -11,11 +11,11 @@ Over a grid of prompt lengths (short ~100 tokens, 2k, 8k; the sim tokenizer is b
 N ASCII characters are N tokens) and output lengths (32, 256, ``ignore_eos``), at three Poisson
 request rates per cell, every request streamed: TTFT and TPOT p50/p99 and goodput (the highest
 tested rate at which at least 90% of requests meet both SLOs, see ``SLO``). For PD the TTFT is
-broken down from the engines' metrics (means per run, not per request): P's queue + prefill
-(P's own TTFT less its KV write: P answers only once D has the KV), P's KV write
-(``fdcore_kv_transfer_seconds``), and the rest (D's reservation, the hops, D's first step) as
-the router-measured TTFT less P's. In ``cond`` runs P's means cover the disaggregated
-requests only, the router's all of them.
+broken down per request from the engines' debug log events (wall clock, one host) and
+reported as the p50 of each part: router + P's queue (sent -> P admitted it), P's prefill
+(-> its first token), the transfer (-> D adopted the KV: the write, the ``done`` frame and D's
+bookkeeping), the hop (-> the client has the first token: D's emit and the router's relay),
+and, overlapping those, when D had reserved its blocks (sent -> ``cache_sync``).
 
 The sim's cost model (``SimRunner._cost``) sleeps, per step, ``decode-seconds-per-step +
 prefill tokens x prefill-seconds-per-token + decoding sequences x decode-seconds-per-seq``;
@@ -31,11 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,8 @@ class Sample:
     tpot: float = 0.0
     ok: bool = False
     gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
+    rid: str = ""
+    sent_at: float = 0.0  # wall clock, to line up with the engines' log events
 
 
 @dataclass
@@ -97,9 +99,12 @@ class Run:
         return len(met) / max(1, len(self.samples))
 
 
-async def one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> Sample:
+async def one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int,
+              rid: str = "") -> Sample:
+    rid = rid or uuid.uuid4().hex
     body = {"model": "sim", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True, "temperature": 0}
+            "stream": True, "temperature": 0, "request_id": rid}
+    sent_at = time.time()
     started = time.perf_counter()
     first = last = 0.0
     tokens = 0
@@ -126,7 +131,7 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens:
     if not tokens:
         return Sample()
     tpot = (last - first) / (tokens - 1) if tokens > 1 else 0.0
-    return Sample(first - started, tpot, True, gaps)
+    return Sample(first - started, tpot, True, gaps, rid, sent_at)
 
 
 def prompt_of(tokens: int, rng: random.Random) -> str:
@@ -135,26 +140,10 @@ def prompt_of(tokens: int, rng: random.Random) -> str:
     return (head + " the quick brown fox jumps over the lazy dog" * (tokens // 44 + 1))[:tokens]
 
 
-async def scrape(engines: list[EngineHandle]) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    async with aiohttp.ClientSession() as s:
-        for e in engines:
-            async with s.get(f"{e.url}/metrics") as resp:
-                text = await resp.text()
-            for name in ("fastdeploy:time_to_first_token_seconds", "fdcore_kv_transfer_seconds"):
-                for kind in ("sum", "count"):
-                    pattern = rf"^{re.escape(name)}_{kind}(?:\{{[^}}]*\}})? (\S+)$"
-                    value = sum(float(v) for v in re.findall(pattern, text, re.M))
-                    key = f"{ROLES.get(e.url, 'mixed')}:{name}_{kind}"
-                    totals[key] = totals.get(key, 0.0) + value
-    return totals
-
-
 async def run_cell(router: Router, engines: list[EngineHandle], mode: str, prompt: str,
                    out: int, rate: float, n: int, seed: int) -> Run:
     rng = random.Random(seed)
     run = Run(mode, f"{prompt}/{out}", rate)
-    before = await scrape(engines)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         tasks = []
         for _ in range(n):
@@ -162,22 +151,49 @@ async def run_cell(router: Router, engines: list[EngineHandle], mode: str, promp
                                                    prompt_of(PROMPTS[prompt], rng), out)))
             await asyncio.sleep(rng.expovariate(rate))
         run.samples = list(await asyncio.gather(*tasks))
-    after = await scrape(engines)
-    delta = {k: after[k] - before.get(k, 0.0) for k in after}
-
-    def mean(role: str, name: str) -> float:
-        count = delta.get(f"{role}:{name}_count", 0.0)
-        return delta.get(f"{role}:{name}_sum", 0.0) / count if count else float("nan")
-
     if mode != "mixed":
-        p_ttft = mean("prefill", "fastdeploy:time_to_first_token_seconds")
-        transfer = mean("prefill", "fdcore_kv_transfer_seconds")
-        ttft = statistics.fmean(s.ttft for s in run.samples if s.ok) if any(
-            s.ok for s in run.samples) else float("nan")
-        # P emits its first token only once D has the KV: its TTFT includes the transfer.
-        run.breakdown = {"p_prefill": p_ttft - transfer, "transfer": transfer,
-                         "hop": ttft - p_ttft}
+        run.breakdown = breakdown(run.samples, engine_events(engines))
     return run
+
+
+PARTS = ("queue", "prefill", "transfer", "hop", "reserved")
+
+
+def engine_events(engines: list[EngineHandle]) -> dict[str, dict[str, float]]:
+    """``request_id -> {event: wall clock}`` of the hand-off's debug events, every engine."""
+    found: dict[str, dict[str, float]] = {}
+    for engine in engines:
+        for line in engine.proc.output().splitlines():
+            if '"pd.' not in line:
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if "at" in doc and "request_id" in doc:
+                found.setdefault(doc["request_id"], {})[doc["event"]] = float(doc["at"])
+    return found
+
+
+def breakdown(samples: list[Sample], events: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per disaggregated request, its TTFT in parts (p50 of each over the run's requests):
+    router + P's queue (sent -> P admitted it), P's prefill (-> first token sampled), the
+    transfer (-> D adopted the KV: write, ``done`` frame, D's bookkeeping), the hop (-> the
+    client has the first token: D's emit and the relay), and when D had reserved (sent ->
+    ``cache_sync``, overlapping the others)."""
+    parts: dict[str, list[float]] = {k: [] for k in PARTS}
+    for s in samples:
+        e = events.get(s.rid, {})
+        need = ("pd.admitted", "pd.prefilled", "pd.adopted", "pd.reserved")
+        if not s.ok or any(k not in e for k in need):
+            continue
+        first = s.sent_at + s.ttft
+        parts["queue"].append(e["pd.admitted"] - s.sent_at)
+        parts["prefill"].append(e["pd.prefilled"] - e["pd.admitted"])
+        parts["transfer"].append(e["pd.adopted"] - e["pd.prefilled"])
+        parts["hop"].append(first - e["pd.adopted"])
+        parts["reserved"].append(e["pd.reserved"] - s.sent_at)
+    return {k: statistics.median(v) if v else float("nan") for k, v in parts.items()}
 
 
 async def setup(mode: str, workdir: Path) -> tuple[RouterFactory, EngineFactory, Router,
@@ -198,7 +214,8 @@ async def setup(mode: str, workdir: Path) -> tuple[RouterFactory, EngineFactory,
         flags = list(ENGINE_FLAGS)
         if role != "mixed":
             flags += ["--splitwise-role", role, "--pd-comm-port", str(free_port()),
-                      "--cache-transfer-protocol", "ipc"]
+                      "--cache-transfer-protocol", "ipc", "--log-format", "json",
+                      "--log-level", "debug"]  # the hand-off's events time each request
         (handle,) = engines(1, router=router, flags=flags, profile=PROFILE)
         ROLES[handle.url] = role
         started.append(handle)
@@ -245,11 +262,12 @@ async def main() -> None:
 
 def report(runs: list[Run], cells: list[tuple[str, int]]) -> None:
     print("| cell | rate (req/s) | mode | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | "
-          "ITL p99 (ms) | met SLO | PD TTFT means: P queue+prefill / transfer / hop+D (ms) |")
+          "ITL p99 (ms) | met SLO | PD TTFT p50 parts (ms): queue / prefill / transfer / hop / "
+          "D reserved at |")
     print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         prompt = run.cell.split("/")[0]
-        parts = " / ".join(fmt(run.breakdown[k]) for k in ("p_prefill", "transfer", "hop")) \
+        parts = " / ".join(fmt(run.breakdown[k]) for k in PARTS) \
             if run.breakdown else ""
         print(f"| {run.cell} | {run.rate:g} | {run.mode} | {fmt(run.pct('ttft', .5))} / "
               f"{fmt(run.pct('ttft', .99))} | {fmt(run.pct('tpot', .5))} / "

@@ -245,8 +245,8 @@ def test_engine_scheduler_options_every_problem_named_by_its_origin(
     assert main(argv) == 2
     lines = capsys.readouterr().err.removeprefix("fdcore engine: error: ").splitlines()
     assert lines == [
-        "FDCORE_ENGINE_SCHEDULER_HOST: read only by scheduler 'global', which is not selected "
-        "(--scheduler-name local)",
+        "FDCORE_ENGINE_SCHEDULER_HOST: read only by schedulers 'global' and 'splitwise', which "
+        "are not selected (--scheduler-name local)",
         "--scheduler-tll: unknown option of scheduler 'local' (did you mean --scheduler-ttl?)",
         f"{config}: scheduler-max-size: Input should be a valid integer, unable to parse "
         "string as an integer",

@@ -102,7 +102,7 @@ class RouterMetrics:
         )
         self.pd_decisions = Counter(
             "fdcore_router_pd_decisions", "Splitwise mode: how each attempt was served "
-            "(disaggregated: a prefill/decode pair; decode_only: a decode instance alone) "
+            "(disaggregated: a prefill/decode pair; alone: one instance, no hand-off) "
             "and why", ["decision", "reason"], registry=reg,
         )
         self.pd_reschedules = Counter(

@@ -157,7 +157,8 @@ class PairedDispatch:
             "service_unavailable", code="pd_error")
 
     def decode_alone(self, ex: Exchange) -> str:
-        """Why this request goes to a decode instance alone ("" when it is disaggregated)."""
+        """Why this request is served by one instance, without a hand-off ("" when it is
+        disaggregated)."""
         reason = ""
         if self.min_tokens and ex.route.token_estimate / self.chars_per_token < self.min_tokens:
             reason = "short_prompt"
@@ -165,10 +166,10 @@ class PairedDispatch:
             prefills = self.selector.instances.healthy(Role.PREFILL)
             if prefills and all(p.load.requests >= self.max_queue for p in prefills):
                 reason = "prefill_queue_deep"
-        decision = "decode_only" if reason else "disaggregated"
+        decision = "alone" if reason else "disaggregated"
         self.metrics.child(self.metrics.pd_decisions, decision, reason).inc()
         if reason:
-            log.info("pd decode only", request_id=ex.request_id, reason=reason)
+            log.info("pd alone", request_id=ex.request_id, reason=reason)
         return reason
 
     def _body(self, ex: Exchange, upstream_id: str, info: dict[str, object] | None,
@@ -187,8 +188,12 @@ class PairedDispatch:
 
     async def _alone(self, ex: Exchange, send: Send, reason: str, exclude: frozenset[str],
                      upstream_id: str) -> None:
+        # A short prompt may run on a prefill instance as well (it serves a request without
+        # disaggregate_info itself): the short-prompt load then spreads over every instance.
+        # With every prefill queue deep, only decode instances are candidates.
         route = dataclasses.replace(ex.route, role=Role.DECODE)
-        lease = await self.selector.acquire(route, exclude, upstream_id=upstream_id)
+        also = Role.PREFILL if reason == "short_prompt" else None
+        lease = await self.selector.acquire(route, exclude, upstream_id=upstream_id, also=also)
         url = lease.instance.url
         await self._decode(ex, send, lease, self._body(ex, upstream_id, None), upstream_id,
                            ("", "", url), ((b"x-router-decode-url", url.encode()),))

@@ -145,15 +145,19 @@ class Selector:
     async def acquire(
         self, request: RouteRequest, exclude: frozenset[str] = frozenset(), *,
         admit: Callable[[Instance], str | None] | None = None, upstream_id: str = "",
+        also: Role | None = None,
     ) -> Lease:
         """Pick an instance for ``request`` (skipping urls in ``exclude``) and count it in.
 
         ``admit`` (when given) names why an instance cannot take the request (None: it can);
         when it turns every candidate away, :class:`NoInstance` carries its reasons.
-        ``upstream_id``: the id the instance is sent, when not the request's own.
+        ``upstream_id``: the id the instance is sent, when not the request's own. ``also``:
+        instances of this role are candidates too (the policy of ``request.role`` picks).
         """
         role = request.role
         candidates = self.instances.healthy(role)
+        if also is not None:
+            candidates = (*candidates, *self.instances.healthy(also))
         if exclude:
             candidates = tuple(i for i in candidates if i.url not in exclude)
         if not candidates:

@@ -250,6 +250,8 @@ class DecodeSide(Side):
             inc.transfer_id, request.request_id, self.epoch, block_ids=table.blocks[first:],
             cached_tokens=cached, handle=self.handles[protocol],
             hold_secs=self.settings.hold_secs))
+        log.debug("pd.reserved", transfer_id=inc.transfer_id, request_id=request.request_id,
+                  at=time.time())
 
     def _on_done(self, inc: Incoming, done: Done) -> None:
         hold = self.holds.get(inc.transfer_id)

@@ -97,6 +97,7 @@ class PrefillSide(Side):
         out = Outgoing(tid, seq.request_id, info, seq)
         self._by_transfer[tid] = out
         self._by_request[seq.request_id] = out
+        log.debug("pd.admitted", transfer_id=tid, request_id=seq.request_id, at=time.time())
         sampling = seq.request.sampling
         self.connector.send(out.address, Prefill(
             tid, seq.request_id, self.epoch, prompt_token_ids=list(seq.request.prompt_token_ids),

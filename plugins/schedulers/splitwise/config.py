@@ -41,6 +41,11 @@ class SplitwiseConfig(RedisConfig):
     reader_batch_size: int = Field(200, ge=1, description="outputs a reader takes per read")
     writer_parallel: int = Field(4, ge=1, description="output writes in flight at once")
     writer_batch_size: int = Field(200, ge=1, description="outputs per pipelined write")
+    pd_retry_count: int = Field(
+        3, ge=0,
+        description="fdcore: times a request whose hand-off failed, or whose prefill or decode "
+                    "instance stopped, before its first token is placed again on another pair",
+    )
 
     @property
     def expire_secs(self) -> float:

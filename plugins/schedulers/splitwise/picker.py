@@ -12,6 +12,7 @@ instance takes the request alone.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,8 +51,17 @@ def blurred_least_load(nodes: Sequence[Node], step: int, rng: random.Random) -> 
 
 
 def place(request: EngineRequest, nodes: Mapping[str, Node], topic: str,
-          rng: random.Random) -> Placement:
-    """Pick the instance(s) for ``request``; raises :class:`NoPlacement`."""
+          rng: random.Random, avoid: frozenset[str] = frozenset()) -> Placement:
+    """Pick the instance(s) for ``request``; raises :class:`NoPlacement`.
+
+    ``avoid`` (a retry's failed instances) are left out while others can take the request;
+    failing that, only the avoided prefill and mixed ones (decode instances are the scarcer
+    kind, and a failed hand-off is more often P's); failing that, none."""
+    if avoid:
+        for keep in (lambda n: n.name not in avoid,
+                     lambda n: n.name not in avoid or n.role is Role.DECODE):
+            with contextlib.suppress(NoPlacement):
+                return place(request, {k: n for k, n in nodes.items() if keep(n)}, topic, rng)
     decodes = [n for n in nodes.values() if n.role is Role.DECODE]
     firsts: list[Node] = []
     problems: list[str] = []

@@ -31,6 +31,7 @@ from fdcore.redis import RedisLink
 from fdcore.router.pairing import disaggregate_info
 from fdcore.tasks import cancel_stubborn
 from fdcore.types import (
+    PD_ERROR,
     Capacity,
     EngineRequest,
     Rejection,
@@ -55,13 +56,20 @@ log = structlog.get_logger(__name__)
 class Sent:
     """One own request placed on the cluster."""
 
-    request_id: str
+    request: EngineRequest  # as the client sent it
     ticket: str
-    prompt_len: int
     placement: Placement
-    sent_at: float  # monotonic
+    sent_at: float  # monotonic: first placed (the ttl counts from here)
+    placed_at: float = 0.0  # monotonic: this placement (the claim deadline counts from here)
     claimed: set[str] = field(default_factory=set)
     started: bool = False  # a token reached the client: P's part is over
+    attempt: int = 0  # placements before this one
+    avoid: frozenset[str] = frozenset()  # instances of failed attempts
+
+    @property
+    def request_id(self) -> str:
+        """The id the client knows."""
+        return self.request.request_id
 
     @property
     def nodes(self) -> list[str]:
@@ -104,6 +112,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         self._rng = random.Random()
         self._ttl = math.ceil(config.ttl)
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()  # re-placements under way
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -126,7 +135,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
 
     async def stop(self) -> None:
         """Stop the loops; leave Redis as if this instance had never been there."""
-        stuck = await cancel_stubborn(self._tasks)
+        stuck = await cancel_stubborn([*self._tasks, *self._background])
         if stuck:
             log.warning("splitwise_scheduler.stop_incomplete", tasks=stuck)
         with contextlib.suppress(RedisError):
@@ -167,9 +176,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
             except NoPlacement as exc:
                 rejected.append(Rejection(rid, RejectionKind.UNAVAILABLE, str(exc)))
                 continue
-            queued = self.ledger.add(request)
-            batch.append((Sent(rid, queued.ticket, request.prompt_len, placement, time.monotonic()),
-                          self._envelope(queued, placement)))
+            batch.append(self._booked(request, placement))
         if not batch:
             return rejected
         try:
@@ -183,14 +190,74 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
                                for sent, _ in batch]
         self.link.up()
         for sent, _ in batch:
-            self._sent[sent.ticket] = sent
-            p, d = sent.placement.prefill, sent.placement.decode
-            self.cluster.bump(p.name, sent.prompt_len)
-            if d is not None:
-                self.cluster.bump(d.name, 1)
-            log.debug("splitwise.placed", request_id=sent.request_id, prefill=p.name,
-                      decode=d.name if d else None, protocol=sent.placement.protocol)
+            self._placed(sent)
         return rejected
+
+    def _booked(self, request: EngineRequest, placement: Placement,
+                after: Sent | None = None) -> tuple[Sent, Queued]:
+        queued = self.ledger.add(request)
+        now = time.monotonic()
+        sent = Sent(request, queued.ticket, placement, now, now)
+        if after is not None:
+            sent.attempt, sent.sent_at = after.attempt + 1, after.sent_at
+            sent.avoid = after.avoid | set(after.nodes)
+        return sent, self._envelope(queued, placement)
+
+    def _placed(self, sent: Sent) -> None:
+        self._sent[sent.ticket] = sent
+        p, d = sent.placement.prefill, sent.placement.decode
+        self.cluster.bump(p.name, sent.request.prompt_len)
+        if d is not None:
+            self.cluster.bump(d.name, 1)
+        log.debug("splitwise.placed", request_id=sent.request_id, prefill=p.name,
+                  decode=d.name if d else None, protocol=sent.placement.protocol,
+                  attempt=sent.attempt)
+
+    def _may_retry(self, sent: Sent) -> bool:
+        """A hand-off that failed before the client's first token, with retries left."""
+        return (sent.placement.decode is not None and not sent.started
+                and sent.attempt < self.config.pd_retry_count)
+
+    def _retry_or_fail(self, sent: Sent, message: str) -> None:
+        """Place the request again, away from the failed pair, when :meth:`_may_retry`;
+        else fail it with ``message``."""
+        if not self._may_retry(sent):
+            self._fail(sent, message)
+            return
+        self._sent.pop(sent.ticket, None)
+        self.ledger.forget(sent.request_id)
+        self._retry(sent, message)
+
+    def _retry(self, sent: Sent, message: str) -> None:
+        """``sent`` (no longer booked) failed: tell its pair to stop, place it again."""
+        self._notify_abort(sent)
+        log.warning("splitwise.rescheduled", request_id=sent.request_id, why=message,
+                    attempt=sent.attempt + 1, retries=self.config.pd_retry_count)
+        task = asyncio.get_running_loop().create_task(self._requeue(sent, message))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _requeue(self, failed: Sent, message: str) -> None:
+        request = failed.request
+        why = message
+        try:
+            nodes = await self.cluster.nodes()
+            placement = place(request, nodes, self.config.topic, self._rng,
+                              failed.avoid | set(failed.nodes))
+            sent, queued = self._booked(request, placement, failed)
+            try:
+                await self._queue([(sent, queued)])
+            except BaseException:
+                self.ledger.forget(sent.request_id)
+                raise
+            self._placed(sent)
+            return
+        except RedisError as exc:
+            self.link.down(exc)
+            why = f"{message}; placing it again failed: {self.link.error}"
+        except NoPlacement as exc:
+            why = f"{message}; no other pair: {exc}"
+        self._outbox.add(failure(request, f"request {request.request_id}: {why}"))
 
     def _envelope(self, queued: Queued, placement: Placement) -> Queued:
         reply = self.readers[next(self._next_reader) % len(self.readers)].key
@@ -231,8 +298,11 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
                 continue
             sent.started = sent.started or bool(output.token_ids)
             if output.finished:
-                del self._sent[message.ticket]
+                del self._sent[message.ticket]  # (and the ledger forgot it)
                 if output.error is not None:
+                    if PD_ERROR in output.error and self._may_retry(sent):
+                        self._retry(sent, output.error)
+                        continue
                     self._notify_abort(sent)  # e.g. P failed: D need not wait for it
             self._outbox.add(output)
 
@@ -306,12 +376,13 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
             gone = [(n, r) for n, r in sent.needed() if self.cluster.gone(n)]
             if gone:
                 name, role = gone[0]
-                self._fail(sent, f"the {role} instance {name} stopped (no news from it for "
-                                 f"{expire:g} s)")
-            elif len(sent.claimed) < len(sent.nodes) and now - sent.sent_at > claim_by:
+                self._retry_or_fail(sent, f"the {role} instance {name} stopped (no news from "
+                                          f"it for {expire:g} s)")
+            elif len(sent.claimed) < len(sent.nodes) and now - sent.placed_at > claim_by:
                 missing = sorted(set(sent.nodes) - sent.claimed)
-                self._fail(sent, f"was not taken by {', '.join(missing)} within {claim_by:g} s "
-                                 "(its queue was lost, e.g. Redis restarted)")
+                self._retry_or_fail(sent, f"was not taken by {', '.join(missing)} within "
+                                          f"{claim_by:g} s (its queue was lost, e.g. Redis "
+                                          "restarted)")
         for origin in self.executor.origins():
             if self.cluster.gone(origin):
                 self.executor.drop_origin(origin)

@@ -79,3 +79,17 @@ def test_unpairable_prefill_is_no_candidate() -> None:
 def test_nothing_registered() -> None:
     with pytest.raises(NoPlacement, match=r"topic 'fd'.*none is registered"):
         place(request(10), {}, "fd", random.Random(0))
+
+
+def test_a_retry_avoids_the_failed_pair_while_it_can() -> None:
+    nodes = {"1": node("1", "prefill"), "2": node("2", "prefill"), "3": node("3", "decode"),
+             "4": node("4", "decode")}
+    for seed in range(20):
+        placed = place(request(10), nodes, "t", random.Random(seed), frozenset({"1", "3"}))
+        assert placed.decode is not None
+        assert (placed.prefill.name, placed.decode.name) == ("2", "4")
+    # The only decode instance failed: another prefill, the same decode.
+    del nodes["4"]
+    placed = place(request(10), nodes, "t", random.Random(0), frozenset({"1", "3"}))
+    assert placed.decode is not None
+    assert (placed.prefill.name, placed.decode.name) == ("2", "3")
