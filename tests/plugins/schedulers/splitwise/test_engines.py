@@ -29,9 +29,9 @@ def prompts(n: int) -> list[str]:
     return [f"splitwise prompt {i} about something " * (1 + i % 4) for i in range(n)]
 
 
-def registered(redis_server: RedisServer, n: int) -> None:
+def registered(redis_server: RedisServer, n: int, topic: str = "test") -> None:
     client = redis_server.client()
-    wait_until(lambda: client.hlen("test.cluster") == n)
+    wait_until(lambda: client.hlen(f"{topic}.cluster") == n)
     client.close()
 
 
