@@ -113,6 +113,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         self._ttl = math.ceil(config.ttl)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()  # re-placements under way
+        self._replacing: dict[str, Sent] = {}  # by request id: failed, being placed again
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -167,7 +168,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         batch: list[tuple[Sent, Queued]] = []
         for request in requests:
             rid = request.request_id
-            if rid in self.ledger:
+            if rid in self.ledger or rid in self._replacing:
                 rejected.append(
                     Rejection(rid, RejectionKind.DUPLICATE_ID, f"duplicate request_id: {rid}"))
                 continue
@@ -231,6 +232,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
     def _retry(self, sent: Sent, message: str) -> None:
         """``sent`` (no longer booked) failed: tell its pair to stop, place it again."""
         self._notify_abort(sent)
+        self._replacing[sent.request_id] = sent
         log.warning("splitwise.rescheduled", request_id=sent.request_id, why=message,
                     attempt=sent.attempt + 1, retries=self.config.pd_retry_count)
         task = asyncio.get_running_loop().create_task(self._requeue(sent, message))
@@ -239,24 +241,30 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
 
     async def _requeue(self, failed: Sent, message: str) -> None:
         request = failed.request
-        why = message
+        placement: Placement | None = None
         try:
             nodes = await self.cluster.nodes()
             placement = place(request, nodes, self.config.topic, self._rng,
                               failed.avoid | set(failed.nodes))
-            sent, queued = self._booked(request, placement, failed)
-            try:
-                await self._queue([(sent, queued)])
-            except BaseException:
-                self.ledger.forget(sent.request_id)
-                raise
-            self._placed(sent)
-            return
+            why = ""
         except RedisError as exc:
             self.link.down(exc)
             why = f"{message}; placing it again failed: {self.link.error}"
         except NoPlacement as exc:
             why = f"{message}; no other pair: {exc}"
+        if self._replacing.pop(request.request_id, None) is not failed:
+            return  # its client left meanwhile
+        if placement is not None:
+            sent, queued = self._booked(request, placement, failed)
+            try:
+                await self._queue([(sent, queued)])
+            except RedisError as exc:
+                self.ledger.forget(sent.request_id)
+                self.link.down(exc)
+                why = f"{message}; placing it again failed: {self.link.error}"
+            else:
+                self._placed(sent)
+                return
         self._outbox.add(failure(request, f"request {request.request_id}: {why}"))
 
     def _envelope(self, queued: Queued, placement: Placement) -> Queued:
@@ -315,6 +323,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         for rid in request_ids:
             own = self.ledger.forget(rid)
             self._outbox.drop(rid)
+            self._replacing.pop(rid, None)  # a re-placement under way then stops
             if own is not None:
                 sent = self._sent.pop(own.queued.ticket, None)
                 if sent is not None:
