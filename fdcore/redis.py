@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import structlog
@@ -37,6 +37,7 @@ __all__ = [
     "decode_output",
     "decode_request",
     "encode",
+    "pop_batch",
     "until_done",
 ]
 
@@ -170,14 +171,18 @@ class Backoff:
         self._delay = min(self._delay * 2, _BACKOFF_MAX)
 
 
-async def until_done(link: RedisLink, backoff: Backoff, op: Callable[[], Awaitable[T]]) -> T:
+async def until_done(link: RedisLink, backoff: Backoff, op: Callable[[], Awaitable[T]],
+                     on_error: Callable[[], None] | None = None) -> T:
     """``op()``'s result, retried with ``backoff`` while it fails with a Redis error (each
-    failure marks ``link`` down, the success marks it up): a background loop's one step."""
+    failure marks ``link`` down and calls ``on_error``, the success marks it up): a
+    background loop's one step."""
     while True:
         try:
             result = await op()
         except RedisError as exc:
             link.down(exc)
+            if on_error is not None:
+                on_error()
             await backoff.wait()
             continue
         link.up()
@@ -209,16 +214,19 @@ class Heartbeat:
         """Beat forever."""
         backoff = Backoff()
         while True:
-            try:
-                await self.beat()
-            except RedisError as exc:
-                self.link.down(exc)
-                await backoff.wait()
-                continue
-            self.link.up()
-            backoff.reset()
+            await until_done(self.link, backoff, self.beat)
             self._trouble.clear()
             await wait_event(self._trouble, self.interval)
+
+
+async def pop_batch(link: RedisLink, key: str, count: int, block_secs: float) -> list[bytes]:
+    """Wait up to ``block_secs`` for list ``key``'s head (BLPOP, on the blocking client), then
+    take up to ``count`` more at once (LPOP); ``[]`` when nothing came."""
+    first = await link.blocking.blpop([key], timeout=block_secs)
+    if not first:
+        return []
+    rest = await link.client.lpop(key, count)
+    return [cast(bytes, first[1]), *cast(list[bytes], rest or [])]
 
 
 # ---------------------------------------------------------------------------------------------

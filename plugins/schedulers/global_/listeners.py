@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
 
 from redis.exceptions import RedisError
 
-from fdcore.redis import Backoff, RedisLink
+from fdcore.redis import Backoff, RedisLink, pop_batch, until_done
 
 # A blocking read returns after this long with nothing, to notice it is no longer needed.
 _BLOCK_SECONDS = 1.0
@@ -46,19 +45,9 @@ class Inbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            try:
-                first = await self.link.blocking.blpop([self.key], timeout=_BLOCK_SECONDS)
-                batch: list[bytes] = [cast(bytes, first[1])] if first else []
-                if first:
-                    rest = await self.link.client.lpop(self.key, _BATCH)
-                    batch += cast(list[bytes], rest or [])
-            except RedisError as exc:
-                self.link.down(exc)
-                self.on_error()
-                await backoff.wait()
-                continue
-            self.link.up()
-            backoff.reset()
+            batch = await until_done(
+                self.link, backoff,
+                lambda: pop_batch(self.link, self.key, _BATCH, _BLOCK_SECONDS), self.on_error)
             if batch:
                 self.on_messages(batch)
 

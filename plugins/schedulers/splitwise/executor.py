@@ -16,15 +16,14 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
 
 import structlog
 from redis.exceptions import RedisError
 
 from fdcore.engine.disagg.info import DISAGG_KEY
-from fdcore.redis import Backoff, RedisLink, until_done
+from fdcore.redis import Backoff, RedisLink, pop_batch, until_done
 from fdcore.tasks import wait_event
 from fdcore.types import Capacity, EngineRequest, RequestOutput, Role
 
@@ -88,12 +87,8 @@ class Executor:
         backoff = Backoff()
         key = self.keys.queue(self.name)
 
-        async def pop() -> list[bytes]:
-            first = await self.link.blocking.blpop([key], timeout=_BLOCK_SECONDS)
-            if not first:
-                return []
-            rest = await self.link.client.lpop(key, self.config.reader_batch_size)
-            return [cast(bytes, first[1]), *cast(list[bytes], rest or [])]
+        def pop() -> Awaitable[list[bytes]]:
+            return pop_batch(self.link, key, self.config.reader_batch_size, _BLOCK_SECONDS)
 
         while True:
             batch = await until_done(self.link, backoff, pop)
@@ -171,10 +166,6 @@ class Executor:
             if job is not None:
                 job.taken = True
         return taken
-
-    def queued(self) -> int:
-        """Work taken from Redis that the engine has not taken yet."""
-        return len(self._ready)
 
     async def put_results(self, results: Sequence[RequestOutput]) -> None:
         """Queue outputs for their origins (a hand-off's own answer on P stays here)."""

@@ -72,6 +72,11 @@ class Sent:
         return self.request.request_id
 
     @property
+    def failed(self) -> frozenset[str]:
+        """What a retry after this attempt avoids: its instances and those avoided before."""
+        return self.avoid | set(self.nodes)
+
+    @property
     def nodes(self) -> list[str]:
         """The instances it was queued on."""
         decode = self.placement.decode
@@ -200,8 +205,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         now = time.monotonic()
         sent = Sent(request, queued.ticket, placement, now, now)
         if after is not None:
-            sent.attempt, sent.sent_at = after.attempt + 1, after.sent_at
-            sent.avoid = after.avoid | set(after.nodes)
+            sent.attempt, sent.sent_at, sent.avoid = after.attempt + 1, after.sent_at, after.failed
         return sent, self._envelope(queued, placement)
 
     def _placed(self, sent: Sent) -> None:
@@ -244,8 +248,7 @@ class SplitwiseScheduler(BaseScheduler[SplitwiseConfig]):
         placement: Placement | None = None
         try:
             nodes = await self.cluster.nodes()
-            placement = place(request, nodes, self.config.topic, self._rng,
-                              failed.avoid | set(failed.nodes))
+            placement = place(request, nodes, self.config.topic, self._rng, failed.failed)
             why = ""
         except RedisError as exc:
             self.link.down(exc)

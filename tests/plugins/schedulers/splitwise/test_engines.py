@@ -35,10 +35,27 @@ def registered(redis_server: RedisServer, n: int, topic: str = "test") -> None:
     client.close()
 
 
+def unloaded(redis_server: RedisServer) -> bool:
+    """Every instance publishes a load of 0 (nothing booked on any executor)."""
+    client = redis_server.client()
+    entries = client.hgetall("test.cluster")
+    client.close()
+    return bool(entries) and all(orjson.loads(v)["load"] == 0 for v in entries.values())
+
+
 def complete(engine: Engine, prompt: str, **fields: Any) -> tuple[int, Any]:
     return engine.request("POST", "/v1/completions",
                           {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
                            "ignore_eos": True, **fields})
+
+
+def open_stream(engine: Engine, prompt: str, max_tokens: int = MAX_TOKENS) -> Any:
+    """A greedy streamed completion through the official ``openai`` client."""
+    client = OpenAI(base_url=engine.url + "/v1", api_key="unused", max_retries=0,
+                    timeout=FAILURE_SECS)
+    return client.completions.create(model="sim", prompt=prompt, max_tokens=max_tokens,
+                                     temperature=0, stream=True,
+                                     extra_body={"ignore_eos": True})
 
 
 @pytest.fixture
@@ -70,16 +87,13 @@ def test_one_pair_answers_clients_of_either(
             assert status == 200, body
             assert body["choices"][0]["text"] == reference(prompt)
             assert body["usage"]["completion_tokens"] == MAX_TOKENS
-        client = OpenAI(base_url=engine.url + "/v1", api_key="unused", max_retries=0)
-        chunks = list(client.completions.create(model="sim", prompt=prompts(1)[0],
-                                                max_tokens=MAX_TOKENS, temperature=0,
-                                                stream=True, extra_body={"ignore_eos": True}))
+        chunks = list(open_stream(engine, prompts(1)[0]))
         assert len(chunks) >= MAX_TOKENS // 2  # token by token, not one lump
         assert "".join(c.choices[0].text for c in chunks if c.choices) == reference(prompts(1)[0])
     assert received_bytes(d) > 0  # the KV cache moved; D recomputed nothing
     assert d.metric("fastdeploy:generation_tokens_total") > p.metric(
         "fastdeploy:generation_tokens_total")
-    wait_until(lambda: at_baseline(p) and at_baseline(d))
+    wait_until(lambda: at_baseline(p) and at_baseline(d) and unloaded(redis_server))
 
 
 def test_two_of_each_and_a_mixed_instance(
@@ -99,7 +113,7 @@ def test_two_of_each_and_a_mixed_instance(
         assert body["choices"][0]["text"] == reference(text)
     decodes = engines[2:]
     assert all(received_bytes(d) > 0 for d in decodes), [received_bytes(d) for d in decodes]
-    wait_until(lambda: all(at_baseline(e) for e in [*engines, mixed]))
+    wait_until(lambda: all(at_baseline(e) for e in [*engines, mixed]) and unloaded(redis_server))
 
 
 def test_every_key_expires(start_splitwise: StartSplitwise, redis_server: RedisServer) -> None:
@@ -170,10 +184,7 @@ def test_decode_killed_mid_stream(
     p = start_splitwise("prefill")
     d = start_splitwise("decode", profile=slow_decode)
     registered(redis_server, 2)
-    client = OpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0,
-                    timeout=FAILURE_SECS)
-    stream = client.completions.create(model="sim", prompt="decode dies", max_tokens=200,
-                                       stream=True, extra_body={"ignore_eos": True})
+    stream = open_stream(p, "decode dies", 200)
     first = next(iter(stream))
     assert first.choices
     d.proc.kill()
@@ -190,14 +201,13 @@ def test_client_leaving_frees_blocks_on_both(
     p = start_splitwise("prefill")
     d = start_splitwise("decode", profile=slow_decode)
     registered(redis_server, 2)
-    client = OpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0)
-    stream = client.completions.create(model="sim", prompt="leaving " * 20, max_tokens=400,
-                                       stream=True, extra_body={"ignore_eos": True})
+    stream = open_stream(p, "leaving " * 20, 400)
     next(iter(stream))
     wait_until(lambda: d.metric("fastdeploy:num_requests_running") == 1)
     stream.close()  # the client leaves: D is told to stop and frees the sequence's blocks
     wait_until(lambda: d.metric("fastdeploy:num_requests_running") == 0, timeout=FAILURE_SECS)
-    wait_until(lambda: at_baseline(p) and at_baseline(d), timeout=FAILURE_SECS)
+    wait_until(lambda: at_baseline(p) and at_baseline(d) and unloaded(redis_server),
+               timeout=FAILURE_SECS)
 
 
 def test_redis_restart_mid_run(
@@ -244,11 +254,7 @@ def test_readers_cut_off_mid_stream_lose_and_repeat_nothing(
     admin = redis_server.client()
     prompt = "cut off " * 10
     expected = reference(prompt)
-    client = OpenAI(base_url=p.url + "/v1", api_key="unused", max_retries=0,
-                    timeout=FAILURE_SECS)
-    stream = client.completions.create(model="sim", prompt=prompt, max_tokens=MAX_TOKENS,
-                                       temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = open_stream(p, prompt)
     texts = []
     killed = 0
     for chunk in stream:
