@@ -281,7 +281,9 @@ async def test_decode_refusal_is_retried_then_reported(
         assert "failed 2 times" in message and "PD Error" in message, message
         assert (await first.content.read()).endswith(b"data: [DONE]\n\n")
     text = await metrics(r.url)
-    assert total(text, "fdcore_router_pd_reschedules_total", 'side="decode"') == 2
+    # Both halves report the refusal (D to the router, P after D's reject); whichever answer
+    # comes first names the side, so only the sum is fixed.
+    assert total(text, "fdcore_router_pd_reschedules_total") == 2
     await settled(r, p, d)
 
 
